@@ -1,0 +1,261 @@
+"""MLX model folders (DESIGN.md "Formats"): config.json with Hugging Face keys, safetensors shards, tokenizer.
+
+The same layout mlx-lm reads. Folders are written atomically: everything goes to a temporary sibling folder that is
+renamed into place at the end, so an interrupted write never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from llama2_mlx.config import ModelArgs
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.model import Llama
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def default_dtype(checkpoint_dtype: mx.Dtype = mx.bfloat16) -> mx.Dtype:
+    """float32 on the CPU backend (its half-precision matmuls are several times slower), else the checkpoint's."""
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return checkpoint_dtype if checkpoint_dtype in (mx.float16, mx.bfloat16) else mx.float32
+
+
+def parse_dtype(name: str | None) -> mx.Dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise Llama2MLXError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise Llama2MLXError(f"{folder}: no such model folder")
+    if not path.is_file():
+        raise Llama2MLXError(f"{path}: missing; a model folder needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a folder's safetensors files (memory-mapped by MLX; read when used)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise Llama2MLXError(f"{folder}: no *.safetensors weights found")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as error:  # MLX raises plain RuntimeError/ValueError for unreadable files
+            raise Llama2MLXError(f"{file}: cannot read safetensors ({error})") from None
+    return weights
+
+
+def build_model(args: ModelArgs, quantization: dict | None = None) -> Llama:
+    """An uninitialised-weight model of this shape, quantized in mlx-lm's layout when `quantization` is given."""
+    model = Llama(args)
+    if quantization:
+        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"])
+    return model
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -> None:
+    """Missing, unexpected or mis-shaped tensors -> one error naming the tensor and both shapes."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise Llama2MLXError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise Llama2MLXError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, array in weights.items():
+        if tuple(array.shape) != tuple(expected[name].shape):
+            raise Llama2MLXError(
+                f"{source}: tensor {name} has shape {tuple(array.shape)}, the config expects {tuple(expected[name].shape)}"
+            )
+
+
+def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: bool = False) -> Llama:
+    """Read a model folder into a `Llama`. Float weights are cast to `dtype` (default: `default_dtype`)."""
+    folder = Path(path)
+    config = read_config(folder)
+    args = ModelArgs.from_hf_config(config, source=str(folder / "config.json"))
+    quantization = config.get("quantization")
+    model = build_model(args, quantization)
+    weights = read_weights(folder)
+    weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    check_weights(model, weights, str(folder))
+    float_dtype = next((v.dtype for k, v in weights.items() if k.endswith("norm.weight")), mx.float32)
+    target = dtype or default_dtype(float_dtype)
+    weights = {k: v.astype(target) if _is_float(v) and not k.endswith(("scales", "biases")) else v
+               for k, v in weights.items()}  # fmt: skip
+    if quantization:  # scales and biases follow the compute dtype too
+        weights = {k: v.astype(target) if k.endswith(("scales", "biases")) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def save_model(
+    model: Llama,
+    path: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    dtype: mx.Dtype | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`)."""
+    with atomic_folder(path, force=force) as tmp:
+        weights = dict(tree_flatten(model.parameters()))
+        with ShardedWriter(tmp, max_shard_bytes) as writer:
+            for name, array in weights.items():
+                cast = dtype is not None and _is_float(array) and not _is_quant_tensor(name, weights)
+                writer.add(name, array.astype(dtype) if cast else array)
+        config = model.args.to_hf_config()
+        quantization = quantization_of(model)
+        if quantization:
+            config["quantization"] = quantization
+        write_config(tmp, config)
+        if tokenizer_dir is not None:
+            copy_tokenizer(Path(tokenizer_dir), tmp)
+    return Path(path)
+
+
+def write_config(folder: Path, config: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    if not (folder / "tokenizer_config.json").exists() and (folder / "tokenizer.model").exists():
+        write_tokenizer_config(folder)
+
+
+def write_tokenizer_config(folder: Path) -> None:
+    """The tokenizer_config.json that lets transformers and mlx-lm open our sentencepiece tokenizer."""
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            return {"group_size": module.group_size, "bits": module.bits}
+    return None
+
+
+class ShardedWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive (bounded memory).
+
+    Shards get their final `model-0000k-of-0000n.safetensors` names, and the index, once the count is known.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, array: mx.array) -> None:
+        if self.pending and self.pending_bytes + array.nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = array
+        self.pending_bytes += array.nbytes
+        self.total_bytes += array.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.shards):05d}.tmp.safetensors"
+        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        count = len(self.shards)
+        if count == 1:
+            self.shards[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for index, (path, names) in enumerate(self.shards, start=1):
+            final = f"model-{index:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index_file = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `path` only if the block succeeds.
+
+    An existing `path` is an error unless `force`; with `force` it is replaced only after the new one is complete.
+    """
+    final = Path(path)
+    if final.exists() and not force:
+        raise Llama2MLXError(f"{final}: already exists (use --force to overwrite)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_float(array: mx.array) -> bool:
+    return mx.issubdtype(array.dtype, mx.floating)
+
+
+def _is_quant_tensor(name: str, weights: dict[str, mx.array]) -> bool:
+    """Quantized weights are uint32; their scales/biases keep their dtype when casting the rest."""
+    stem = name.rsplit(".", 1)[0]
+    return f"{stem}.scales" in weights
