@@ -27,3 +27,8 @@ def load(
     if not (folder / "tokenizer.model").is_file():
         raise Llama2MLXError(f"{folder}: missing tokenizer.model")
     return model, Tokenizer(folder / "tokenizer.model")
+
+
+def demo_model_path() -> Path:
+    """The shipped demo model (`weights/demo` in the checkout); commands that take a model fall back to it."""
+    return Path(os.environ.get("LLAMA2_MLX_DEMO_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo"))

@@ -35,7 +35,7 @@ def cli(debug: bool) -> None:
 
 
 # Each area's module exposes COMMANDS, a list of click commands; add new modules to this tuple.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "demo")
 
 
 def _register_commands() -> None:

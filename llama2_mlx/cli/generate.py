@@ -1,0 +1,5 @@
+"""CLI commands of this area (filled in as their issues land)."""
+
+import click
+
+COMMANDS: list[click.Command] = []
