@@ -20,6 +20,7 @@ _PUBLIC = {
     "load_model": "llama2_mlx.model_folder",
     "save_model": "llama2_mlx.model_folder",
     "Llama2MLXError": "llama2_mlx.errors",
+    "Tokenizer": "llama2_mlx.tokenizer",
 }
 
 __all__ = sorted(_PUBLIC)
