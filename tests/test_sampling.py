@@ -1,0 +1,75 @@
+"""Sampling: greedy, Meta's nucleus top-p against hand-computed distributions, top-k, temperature, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.sampling import check_sampling, nucleus, sample
+
+PROBS = [0.1, 0.4, 0.2, 0.3]
+
+
+@pytest.mark.parametrize(
+    ("top_p", "top_k", "tokens", "expected"),
+    [
+        # sorted 0.4, 0.3, 0.2, 0.1; mass before each: 0, 0.4, 0.7, 0.9
+        (0.75, 0, [1, 3, 2], [4 / 9, 3 / 9, 2 / 9]),  # 0.1 dropped (0.9 > 0.75); 0.2 kept although it crosses
+        (0.5, 0, [1, 3], [4 / 7, 3 / 7]),
+        (0.3, 0, [1], [1.0]),  # mass before the 2nd token (0.4) exceeds 0.3
+        (1.0, 2, [1, 3], [4 / 7, 3 / 7]),
+        (0.95, 3, [1, 3, 2], [4 / 9, 3 / 9, 2 / 9]),
+    ],
+)
+def test_nucleus_hand_computed(top_p, top_k, tokens, expected):
+    kept, order = nucleus(mx.array([PROBS]), top_p, top_k)
+    kept, order = np.array(kept)[0], np.array(order)[0]
+    assert order.tolist()[: len(tokens)] == tokens
+    np.testing.assert_allclose(kept[: len(tokens)], expected, rtol=1e-6)
+    assert not kept[len(tokens) :].any()
+
+
+def _frequencies(tokens: mx.array, vocab: int) -> np.ndarray:
+    return np.bincount(np.array(tokens), minlength=vocab) / tokens.size
+
+
+def test_sampled_frequencies_follow_top_p():
+    logits = mx.log(mx.array([PROBS] * 20000))
+    tokens = sample(logits, temperature=1.0, top_p=0.75, key=mx.random.key(0))
+    np.testing.assert_allclose(_frequencies(tokens, 4), [0.0, 4 / 9, 2 / 9, 3 / 9], atol=0.015)
+
+
+def test_temperature_reshapes_the_distribution():
+    logits = mx.log(mx.array([PROBS] * 20000))
+    tokens = sample(logits, temperature=2.0, key=mx.random.key(1))
+    soft = np.sqrt(PROBS) / np.sqrt(PROBS).sum()  # softmax(log p / 2) = sqrt(p) / sum sqrt(p)
+    np.testing.assert_allclose(_frequencies(tokens, 4), soft, atol=0.015)
+
+
+def test_greedy_and_seeds():
+    logits = mx.array([[0.0, 3.0, 1.0], [5.0, -1.0, 4.9]])
+    assert sample(logits).tolist() == [1, 0]
+    wide = mx.random.normal((64, 50), key=mx.random.key(3))
+    a = sample(wide, temperature=1.0, top_p=0.9, key=mx.random.key(7))
+    b = sample(wide, temperature=1.0, top_p=0.9, key=mx.random.key(7))
+    c = sample(wide, temperature=1.0, top_p=0.9, key=mx.random.key(8))
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+    assert a.dtype == mx.uint32 and a.shape == (64,)
+
+
+def test_top_k_one_is_greedy():
+    wide = mx.random.normal((32, 50), key=mx.random.key(4))
+    picked = sample(wide, temperature=1.5, top_k=1, key=mx.random.key(0))
+    assert picked.tolist() == mx.argmax(wide, axis=-1).tolist()
+
+
+@pytest.mark.parametrize(("t", "p", "k", "word"), [(-1, 0.9, 0, "temperature"), (0.6, 0, 0, "top_p"),
+                                                   (0.6, 1.5, 0, "top_p"), (0.6, 0.9, -2, "top_k"),
+                                                   (math.nan, 0.9, 0, "temperature")])  # fmt: skip
+def test_bad_settings(t, p, k, word):
+    with pytest.raises(Llama2MLXError, match=word):
+        check_sampling(t, p, k)
