@@ -1,0 +1,184 @@
+"""`convert`: a Meta folder, a Hugging Face folder or a hub id into an MLX model folder, one tensor at a time.
+
+Everything that can be checked from metadata (names, shapes, shard counts, vocab) is checked before the output folder
+is created. Then each tensor is read, merged, permuted, cast (and quantized), handed to `ShardedWriter`, and dropped,
+so peak memory is about one output shard plus the largest tensor, not the model. The folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from llama2_mlx.checkpoints.checkpoint import Checkpoint
+from llama2_mlx.checkpoints.hf import read_hf
+from llama2_mlx.checkpoints.hub import resolve
+from llama2_mlx.checkpoints.meta import is_meta_folder, read_meta
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.model_folder import (
+    DEFAULT_SHARD_BYTES,
+    ShardedWriter,
+    atomic_folder,
+    build_model,
+    copy_tokenizer,
+    write_config,
+)
+
+QUANTIZE_BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+# progress(tensor name, bytes read so far, total bytes to read)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What `convert` wrote, for the one-line summary."""
+
+    path: Path
+    parameters: int
+    dtype: str
+    quantization: dict | None
+    bytes_on_disk: int
+    seconds: float
+
+
+def open_checkpoint(src: str | os.PathLike, verify: bool = False) -> Checkpoint:
+    """Dispatch on what `src` is: a Meta folder, a Hugging Face folder, or a hub id (downloaded first)."""
+    folder = resolve(src)
+    if not folder.is_dir():
+        raise Llama2MLXError(
+            f"{folder}: not a folder; give a Meta or Hugging Face checkpoint folder or a hub id"
+        )
+    if (folder / "config.json").is_file() and not is_meta_folder(folder):
+        if verify:
+            raise Llama2MLXError(
+                f"{folder}: --verify checks Meta's checklist.chk; this is a Hugging Face folder"
+            )
+        return read_hf(folder)
+    if is_meta_folder(folder):
+        return read_meta(folder, verify=verify)
+    raise Llama2MLXError(
+        f"{folder}: neither a Meta checkpoint (params.json + consolidated.*.pth) "
+        "nor a Hugging Face one (config.json + *.safetensors)"
+    )
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: mx.Dtype | str | None = None,
+    quantize: int | None = None,
+    group_size: int = 64,
+    force: bool = False,
+    verify: bool = False,
+    progress: Progress | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> ConvertResult:
+    """Convert `src` into the MLX model folder `dst`.
+
+    `dtype` defaults to the checkpoint's own float dtype (bf16 stays bf16 on disk; `load_model` casts for the
+    device). `quantize` = 4 or 8 bits stores MLX affine-quantized weights in mlx-lm's layout.
+    """
+    start = time.perf_counter()
+    target = _parse_dtype(dtype)
+    quantization = _quantization(quantize, group_size)
+    checkpoint = open_checkpoint(src, verify)
+    _check_tensors(checkpoint, _model_parameters(checkpoint, None))
+    quantized = {
+        name[: -len(".scales")]
+        for name in _model_parameters(checkpoint, quantization)
+        if name.endswith(".scales")
+    }
+
+    done, parameters = 0, 0
+    with atomic_folder(dst, force=force) as tmp:
+        with ShardedWriter(tmp, max_shard_bytes) as writer:
+            for name, (shape, load) in checkpoint.tensors.items():
+                array = load()
+                if tuple(array.shape) != tuple(shape):  # the data must match the metadata checked above
+                    raise Llama2MLXError(
+                        f"{checkpoint.source}: tensor {name} read as {array.shape}, expected {shape}"
+                    )
+                done += array.nbytes
+                parameters += array.size
+                if target is not None and mx.issubdtype(array.dtype, mx.floating):
+                    array = array.astype(target)
+                stem = name.rsplit(".", 1)[0]
+                if stem in quantized:
+                    weight, scales, biases = mx.quantize(array, **quantization)
+                    mx.eval(weight, scales, biases)
+                    for suffix, part in (("weight", weight), ("scales", scales), ("biases", biases)):
+                        writer.add(f"{stem}.{suffix}", part)
+                else:
+                    mx.eval(array)
+                    writer.add(name, array)
+                del array
+                if progress is not None:
+                    progress(name, done, checkpoint.nbytes)
+        config = checkpoint.args.to_hf_config()
+        final_dtype = target or checkpoint.dtype
+        config["torch_dtype"] = _dtype_name(final_dtype)
+        if quantization:
+            config["quantization"] = quantization
+        write_config(tmp, config)
+        if checkpoint.tokenizer_dir is not None:
+            copy_tokenizer(checkpoint.tokenizer_dir, tmp)
+    path = Path(dst)
+    size = sum(file.stat().st_size for file in path.iterdir() if file.is_file())
+    return ConvertResult(
+        path, parameters, _dtype_name(final_dtype), quantization, size, time.perf_counter() - start
+    )
+
+
+def _parse_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
+    from llama2_mlx.model_folder import parse_dtype
+
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def _quantization(bits: int | None, group_size: int) -> dict | None:
+    if bits is None:
+        return None
+    if bits not in QUANTIZE_BITS:
+        raise Llama2MLXError(f"quantize: {bits} bits is not supported; choose 4 or 8")
+    if group_size not in GROUP_SIZES:
+        raise Llama2MLXError(f"group size {group_size} is not supported; choose 32, 64 or 128")
+    return {"group_size": group_size, "bits": bits}
+
+
+def _model_parameters(checkpoint: Checkpoint, quantization: dict | None) -> dict[str, mx.array]:
+    """The parameters (names, shapes) of the model this folder will hold; lazy, so nothing is allocated."""
+    try:
+        model = build_model(checkpoint.args, quantization)
+    except ValueError as error:  # MLX refuses a group size that does not divide a layer's input size
+        raise Llama2MLXError(f"{checkpoint.source}: cannot quantize with {quantization} ({error})") from None
+    return dict(tree_flatten(model.parameters()))
+
+
+def _check_tensors(checkpoint: Checkpoint, expected: dict[str, mx.array]) -> None:
+    """Missing, unexpected or mis-shaped tensors, named, before anything is written."""
+    missing = sorted(set(expected) - set(checkpoint.tensors))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise Llama2MLXError(f"{checkpoint.source}: missing tensor {missing[0]}{more}")
+    unexpected = sorted(set(checkpoint.tensors) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise Llama2MLXError(f"{checkpoint.source}: unexpected tensor {unexpected[0]}{more}")
+    for name, (shape, _) in checkpoint.tensors.items():
+        if tuple(shape) != tuple(expected[name].shape):
+            raise Llama2MLXError(
+                f"{checkpoint.source}: tensor {name} has shape {tuple(shape)}, "
+                f"the config expects {tuple(expected[name].shape)}"
+            )
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
