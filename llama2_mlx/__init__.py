@@ -21,6 +21,7 @@ _PUBLIC = {
     "save_model": "llama2_mlx.model_folder",
     "Llama2MLXError": "llama2_mlx.errors",
     "Tokenizer": "llama2_mlx.tokenizer",
+    "generate": "llama2_mlx.generation",
 }
 
 __all__ = sorted(_PUBLIC)
