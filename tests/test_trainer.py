@@ -1,0 +1,180 @@
+"""The shared training loop: masked loss by hand, schedule, accumulation, checkpointing, NaN and Ctrl-C handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.losses import document_mask, next_token_loss
+from llama2_mlx.optim import OptimizerConfig, make_optimizer, warmup_cosine
+from llama2_mlx.trainer import Batch, Callback, TrainConfig, train
+from tests.conftest import random_model, tiny_args
+
+
+def random_batches(batch_size: int, length: int = 12, seed: int = 0):
+    """An endless deterministic stream of random token rows; restartable at any micro-batch index."""
+
+    def source(start: int):
+        index = start
+        while True:
+            rng = np.random.default_rng([seed, index])
+            tokens = mx.array(rng.integers(3, 384, size=(batch_size, length)), dtype=mx.int32)
+            mask = mx.array(rng.random((batch_size, length)) < 0.7)
+            yield Batch((tokens, mask), int(tokens.size))
+            index += 1
+
+    return source
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.losses, self.vals = {}, {}
+
+    def on_report(self, record):
+        if "val_loss" in record:
+            self.vals[record["step"]] = record["val_loss"]
+        else:
+            self.losses[record["step"]] = record["loss"]
+
+
+def run(model, batches, iters=4, lr=1e-3, callbacks=(), **config):
+    recorder = Recorder()
+    optimizer = make_optimizer(OptimizerConfig(lr=lr, warmup=1), iters)
+    cfg = TrainConfig(iters=iters, report_every=1, progress=False, **config)
+    result = train(model, optimizer, next_token_loss, batches, cfg, callbacks=[recorder, *callbacks])
+    return result, recorder
+
+
+def test_masked_cross_entropy_by_hand():
+    """A 3-token example whose middle target is masked: the loss is -log softmax of the one trained target."""
+    model = random_model(tiny_args(vocab_size=16, dim=16, n_heads=2, n_kv_heads=1, hidden_dim=32, n_layers=1))
+    tokens = mx.array([[1, 5, 7]])
+    logits = np.array(model(tokens[:, :2]), dtype=np.float64)[0]
+    expected = -(logits[1, 7] - math.log(np.exp(logits[1]).sum()))
+    total, weight = next_token_loss(model, tokens, mx.array([[False, False, True]]))
+    assert weight.item() == 1
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    total, weight = next_token_loss(model, tokens, mx.array([[True, True, True]]))
+    both = expected - (logits[0, 5] - math.log(np.exp(logits[0]).sum()))
+    assert weight.item() == 2 and total.item() == pytest.approx(both, rel=1e-5)
+
+
+def test_document_mask_is_block_causal():
+    mask = np.array(document_mask(mx.array([[0, 0, 1, 1, 1]])))[0, 0]
+    expected = np.array(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], bool
+    )
+    assert (mask == expected).all()
+
+
+def test_warmup_then_cosine_to_ten_percent():
+    schedule = warmup_cosine(1e-3, warmup=4, total=14)
+    values = [schedule(mx.array(s)).item() for s in range(15)]
+    assert values[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert values[4] == pytest.approx(1e-3)
+    assert values[9] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert values[14] == pytest.approx(1e-4)
+
+
+def test_paper_optimizer_defaults():
+    optimizer = make_optimizer(OptimizerConfig(lr=2e-5), 10)
+    assert optimizer.betas == [0.9, 0.95] and optimizer.eps == 1e-5 and optimizer.weight_decay == 0.1
+
+
+def test_loss_falls_and_metrics_written(tmp_path):
+    fixed = random_batches(2)(0)
+    batch = next(fixed)
+
+    def same_batch(start):
+        while True:
+            yield batch
+
+    model = random_model(tiny_args())
+    result, recorder = run(model, same_batch, iters=8, lr=3e-3, out_dir=tmp_path)
+    assert recorder.losses[8] < recorder.losses[1] - 0.5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert {"loss", "lr", "tokens_per_sec", "trained_tokens", "peak_memory_gb"} <= set(records[0])
+    assert records[-1]["trained_tokens"] == 8 * 24
+    assert (tmp_path / "checkpoint" / "trainer_state.json").is_file()
+
+
+def test_grad_accumulation_equals_big_batch():
+    """2 micro-batches of 2 rows == 1 batch of 4 rows: the same tokens, the same mean, the same updates."""
+    big = random_batches(4, seed=3)
+
+    def halves(start):
+        for batch in big(start // 2):
+            tokens, mask = batch.inputs
+            yield Batch((tokens[:2], mask[:2]), 24)
+            yield Batch((tokens[2:], mask[2:]), 24)
+
+    _, whole = run(random_model(tiny_args()), big)
+    _, accumulated = run(random_model(tiny_args()), halves, grad_accum=2)
+    assert list(whole.losses.values()) == pytest.approx(list(accumulated.losses.values()), rel=1e-5)
+
+
+def test_gradient_checkpointing_same_losses():
+    _, plain = run(random_model(tiny_args()), random_batches(2))
+    model = random_model(tiny_args())
+    _, checkpointed = run(model, random_batches(2), grad_checkpoint=True)
+    assert list(plain.losses.values()) == pytest.approx(list(checkpointed.losses.values()), rel=1e-5)
+    assert type(model.layers[0]).__name__ == "TransformerBlock"  # restored after training
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    good = random_batches(2)
+
+    def poisoned(start):
+        for index, batch in enumerate(good(start), start=start):
+            yield batch
+            if index == 2:  # from step 4 on, the model's weights are NaN
+                break
+        model.model.norm.weight = model.model.norm.weight * float("nan")
+        yield from good(start + 3)
+
+    model = random_model(tiny_args())
+    with pytest.raises(Llama2MLXError, match=r"loss became nan at step 4.*last good checkpoint"):
+        run(model, poisoned, iters=6, save_every=2, out_dir=tmp_path)
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    class Interrupt(Callback):
+        def on_report(self, record):
+            if record.get("step") == 2 and "loss" in record:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    result, recorder = run(
+        random_model(tiny_args()), random_batches(2), iters=6, out_dir=tmp_path, callbacks=[Interrupt()]
+    )
+    assert result.status == "interrupted" and result.step == 2
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["data_position"] == 2
+
+
+def test_validation_reported_before_and_after():
+    val = random_batches(2, seed=9)
+
+    def val_batches():
+        source = val(0)
+        return [next(source) for _ in range(2)]
+
+    model = random_model(tiny_args())
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-3), 4)
+    recorder = Recorder()
+    cfg = TrainConfig(iters=4, eval_every=2, progress=False)
+    result = train(model, optimizer, next_token_loss, random_batches(2), cfg, val_batches, [recorder])
+    assert sorted(recorder.vals) == [0, 2, 4]
+    direct_total = sum(next_token_loss(model, *b.inputs)[0].item() for b in val_batches())
+    direct_weight = sum(next_token_loss(model, *b.inputs)[1].item() for b in val_batches())
+    assert result.val_loss == pytest.approx(direct_total / direct_weight, rel=1e-5)
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
