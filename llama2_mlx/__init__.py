@@ -20,6 +20,8 @@ _PUBLIC = {
     "load_model": "llama2_mlx.model_folder",
     "save_model": "llama2_mlx.model_folder",
     "Llama2MLXError": "llama2_mlx.errors",
+    "convert": "llama2_mlx.checkpoints.convert",
+    "export": "llama2_mlx.checkpoints.export",
     "Tokenizer": "llama2_mlx.tokenizer",
     "generate": "llama2_mlx.generation",
 }

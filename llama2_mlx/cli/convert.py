@@ -1,5 +1,87 @@
-"""CLI commands of this area (filled in as their issues land)."""
+"""`convert` and `export`: checkpoints into MLX model folders and back to Hugging Face folders."""
+
+from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+QUANTIZE_CHOICES = click.Choice(["4", "8"])
+DTYPE_CHOICES = click.Choice(["float16", "bfloat16", "float32"])
+
+
+class _TensorProgress:
+    """A click progress bar over the bytes read, opened on the first report (when the total is known)."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.done = label, None, 0
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=click.get_text_stream("stderr"))
+            self.bar.__enter__()
+        self.bar.label = f"{self.label} {name}"
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst", type=click.Path())
+@click.option(
+    "--dtype", type=DTYPE_CHOICES, default=None, help="Weight dtype on disk (default: the checkpoint's)."
+)
+@click.option(
+    "--quantize", type=QUANTIZE_CHOICES, default=None, help="Store MLX affine-quantized weights (bits)."
+)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Quantization group size.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--verify", is_flag=True, help="Check Meta's checklist.chk md5 sums first.")
+def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool, verify: bool) -> None:
+    """Convert a Meta folder, a Hugging Face folder or a hub id (org/name) into an MLX model folder DST."""
+    from llama2_mlx.checkpoints.convert import convert
+
+    progress = _TensorProgress("converting")
+    try:
+        result = convert(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None,
+                         group_size=int(group_size), force=force, verify=verify, progress=progress)  # fmt: skip
+    finally:
+        progress.close()
+    quantized = (
+        f", {result.quantization['bits']}-bit groups of {result.quantization['group_size']}"
+        if result.quantization
+        else ""
+    )
+    click.echo(
+        f"wrote {result.path}: {result.parameters:,} parameters, {result.dtype}{quantized}, "
+        f"{_size(result.bytes_on_disk)} on disk, {result.seconds:.1f} s"
+    )
+
+
+@click.command("export")
+@click.argument("model", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--format", "format_", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="Output format (hf: a Hugging Face transformers folder).")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def export_command(model: str, dst: str, format_: str, force: bool) -> None:
+    """Export the MLX model folder MODEL as a Hugging Face folder DST (quantized weights are dequantized)."""
+    from llama2_mlx.checkpoints.export import export
+
+    path = export(model, dst, format=format_, force=force)
+    click.echo(f"wrote {path}")
+
+
+COMMANDS: list[click.Command] = [convert_command, export_command]
