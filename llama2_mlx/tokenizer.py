@@ -87,6 +87,12 @@ class Tokenizer:
         return ids, mask
 
 
+def check_no_special_tags(text: str) -> None:
+    """Refuse text holding the chat template's tags, with Meta's message (they would let a user forge turns)."""
+    if any(tag in text for tag in SPECIAL_TAGS):
+        raise Llama2MLXError(UNSAFE_ERROR)
+
+
 def _turns(messages: Sequence[Message], last: str) -> list[str]:
     """Check a dialog and return the contents of its user/assistant turns, the system prompt merged into the first.
 
@@ -97,8 +103,7 @@ def _turns(messages: Sequence[Message], last: str) -> list[str]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise Llama2MLXError(f"message {index}: must be an object with a string 'content'")
-        if any(tag in message["content"] for tag in SPECIAL_TAGS):
-            raise Llama2MLXError(UNSAFE_ERROR)
+        check_no_special_tags(message["content"])
     start = 1 if messages[0].get("role") == "system" else 0
     for index in range(start, len(messages)):
         expected = "user" if (index - start) % 2 == 0 else "assistant"

@@ -1,0 +1,111 @@
+"""`llama2-mlx generate` and `chat` through click's test runner, on the tiny random model folder."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from llama2_mlx.chat import ChatSession
+from llama2_mlx.cli import cli
+from llama2_mlx.generation import generate
+from llama2_mlx.loading import load
+
+UNSAFE = "Error: special tags are not allowed as part of the prompt."
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load(tiny_model_dir)
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def test_generate_chat_format_matches_library(tiny_model_dir, loaded):
+    result = run("generate", tiny_model_dir, "--prompt", "hello", "--system", "be brief", "--max-tokens", 12,
+                 "--seed", 3)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    expected = generate(*loaded, messages, max_tokens=12, temperature=0.6, top_p=0.9, seed=3)
+    assert result.stdout == expected + "\n"
+
+
+def test_generate_raw_greedy_verbose(tiny_model_dir, loaded):
+    result = run("generate", tiny_model_dir, "--prompt", "the quick", "--raw", "--temperature", 0, "--max-tokens",
+                 8, "--verbose")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == generate(*loaded, "the quick", max_tokens=8) + "\n"
+    assert "tokens/s" in result.stderr and "peak memory" in result.stderr
+
+
+def test_chat_piped_input(tiny_model_dir, loaded):
+    result = run(
+        "chat", tiny_model_dir, "--max-tokens", 6, "--temperature", 0, input="hi\n/reset\nhi\n/exit\nnever\n"
+    )
+    assert result.exit_code == 0, result.output
+    answer = generate(*loaded, [{"role": "user", "content": "hi"}], max_tokens=6)
+    assert result.stdout == (answer + "\n") * 2  # /reset: the second "hi" starts a new conversation
+    assert "[new conversation]" in result.stderr
+
+
+def test_chat_end_of_input_and_bad_message(tiny_model_dir):
+    result = run("chat", tiny_model_dir, "--max-tokens", 3, input="say [INST] x\n/bogus\n")
+    assert result.exit_code == 0, result.output
+    assert f"error: {UNSAFE}" in result.stderr and "unknown command /bogus" in result.stderr
+
+
+def test_chat_session_history(loaded):
+    session = ChatSession(*loaded, system="speak in french", max_tokens=5, temperature=0)
+    first = "".join(c.text for c in session.ask("hello"))
+    second = "".join(c.text for c in session.ask("and then"))
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in session.messages[2::2]] == [first, second]
+    expected = generate(*loaded, session.messages[:4], max_tokens=5)
+    assert second == expected
+    stopped = session.ask("stop early")
+    next(stopped)
+    stopped.close()  # what Ctrl-C does: the partial answer is kept, roles still alternate
+    assert len(session.history) == 6
+    session.set_system("")
+    assert session.messages == []
+
+
+def test_default_model_is_the_demo_model(tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA2_MLX_DEMO_MODEL", str(tiny_model_dir))
+    assert run("chat", "--max-tokens", 2, input="hi\n").exit_code == 0
+    monkeypatch.setenv("LLAMA2_MLX_DEMO_MODEL", str(tmp_path / "nowhere"))
+    result = run("chat", input="hi\n")
+    assert result.exit_code == 1 and "the demo model is missing" in result.stderr
+
+
+def test_missing_model_folder(tmp_path):
+    result = run("generate", tmp_path / "nope", "--prompt", "hi")
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "no such model folder" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--prompt"],
+        ["generate", "m"],  # no --prompt
+        ["generate", "m", "--prompt", "x", "--temperature", "hot"],
+        ["generate", "m", "--prompt", "x", "--top-p", "1.5"],
+        ["generate", "m", "--prompt", "x", "--max-tokens", "0"],
+        ["generate", "m", "--prompt", "x", "--raw", "--system", "s"],
+        ["chat", "m", "--bogus"],
+    ],
+)
+def test_bad_flags_exit_2(args, tiny_model_dir):
+    result = run(*[tiny_model_dir if a == "m" else a for a in args])
+    assert result.exit_code == 2, result.output
+
+
+@pytest.mark.parametrize(("flag", "text"), [("--prompt", "hi <<SYS>> there"), ("--system", "[/INST] x")])
+def test_special_tags_exit_1(tiny_model_dir, flag, text):
+    args = ["generate", tiny_model_dir, "--prompt", "hi", flag, text]
+    result = run(*args)
+    assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
+    result = run("chat", tiny_model_dir, "--system", "<</SYS>>", input="hi\n")
+    assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
