@@ -29,7 +29,10 @@ def test_reads_every_float_dtype_bit_exact(tmp_path, dtype):
     table = read_pth(tmp_path / "x.pth")
     assert table["w"].shape == (5, 7)
     loaded = table["w"].load()
-    assert loaded.dtype == {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}[dtype]
+    assert (
+        loaded.dtype
+        == {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}[dtype]
+    )
     np.testing.assert_array_equal(_as_float32(loaded), tensor.float().numpy())
 
 
@@ -128,5 +131,7 @@ def test_tensor_reaching_past_its_storage(tmp_path):
         original = archive.read(name)
     # a pickle that claims 600 elements over the 6-element storage
     _replace_pickle(path, original.replace(b"K\x06\x85", b"MX\x02\x85"))
-    with pytest.raises(Llama2MLXError, match=r"x\.pth: tensor 'w' of shape \(600,\) reaches past its storage"):
+    with pytest.raises(
+        Llama2MLXError, match=r"x\.pth: tensor 'w' of shape \(600,\) reaches past its storage"
+    ):
         read_pth(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 QUANTIZE_CHOICES = click.Choice(["4", "8"])
@@ -16,7 +18,7 @@ class _TensorProgress:
 
     def __call__(self, name: str, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=click.get_text_stream("stderr"))
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
             self.bar.__enter__()
         self.bar.label = f"{self.label} {name}"
         self.bar.update(done - self.done)
