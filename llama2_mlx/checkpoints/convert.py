@@ -172,7 +172,7 @@ def _check_tensors(checkpoint: Checkpoint, expected: dict[str, mx.array]) -> Non
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise Llama2MLXError(f"{checkpoint.source}: unexpected tensor {unexpected[0]}{more}")
-    for name, (shape, _) in checkpoint.tensors.items():
+    for name, (shape, _) in sorted(checkpoint.tensors.items()):
         if tuple(shape) != tuple(expected[name].shape):
             raise Llama2MLXError(
                 f"{checkpoint.source}: tensor {name} has shape {tuple(shape)}, "
