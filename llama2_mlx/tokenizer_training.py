@@ -31,6 +31,21 @@ def train_tokenizer(
     else:
         source = {"sentence_iterator": iter(list(corpus))}
     model = io.BytesIO()
+    try:
+        _train(spm, source, model, vocab_size)
+    except RuntimeError as error:  # e.g. a vocabulary too small for the corpus's characters, or too large
+        reason = str(error).splitlines()[-1].split("] ")[-1]
+        name = corpus if isinstance(corpus, str | os.PathLike) else "corpus"
+        raise Llama2MLXError(f"{name}: cannot train {vocab_size} pieces: {reason}") from None
+    target = out / "tokenizer.model"
+    tmp = target.with_suffix(".model.tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(target)
+    return target
+
+
+def _train(spm, source: dict, model: io.BytesIO, vocab_size: int) -> None:
+    """Llama 2's trainer settings (its tokenizer.model's trainer_spec), character coverage 1.0 for small corpora."""
     spm.SentencePieceTrainer.train(
         **source,
         model_writer=model,
@@ -50,8 +65,3 @@ def train_tokenizer(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    target = out / "tokenizer.model"
-    tmp = target.with_suffix(".model.tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(target)
-    return target
