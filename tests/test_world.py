@@ -279,7 +279,7 @@ def test_world_command(tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
     examples = CliRunner().invoke(cli, ["world", "--examples", "--out", str(tmp_path / "e")])
     assert examples.exit_code == 0
-    assert len((tmp_path / "e" / "preferences.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "e" / "preferences.jsonl").read_text().splitlines()) == 6
 
 
 def test_all_dialog_kinds_render_as_messages():

@@ -110,13 +110,13 @@ def write_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int]
     return {name: len(lines) for name, lines in files.items()}
 
 
-def write_examples(out_dir: str | os.PathLike, seed: int = 0, count: int = 4) -> dict[str, int]:
+def write_examples(out_dir: str | os.PathLike, seed: int = 0, count: int = 6) -> dict[str, int]:
     """A few lines of every DESIGN.md data format (examples/data), plus held-out prompts for `eval`."""
     from llama2_mlx.model_folder import atomic_folder
 
     rng = random.Random(f"{seed}:examples")
     singles = [draw_dialog("single", rng) for _ in range(count)]
-    dialogs = [draw_dialog(kind, rng) for kind in KINDS for _ in range(max(1, count // len(KINDS)))]
+    dialogs = [draw_dialog(KINDS[i % len(KINDS)], rng) for i in range(count)]
     files: dict[str, list[Any]] = {
         "sft_text.jsonl": [text_record(d) for d in dialogs],
         "sft_prompt_completion.jsonl": [prompt_completion_record(d) for d in singles],
