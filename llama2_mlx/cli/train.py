@@ -1,5 +1,61 @@
-"""CLI commands of this area (filled in as their issues land)."""
+"""Training commands: `sft`, `fuse`, `pretrain`, `plot`. Each parses flags into a config and calls the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-COMMANDS: list[click.Command] = []
+from llama2_mlx.cli.dataclass_options import build_config, dataclass_options
+from llama2_mlx.sft import SFTConfig
+
+
+def _finish(result, out: Path, what: str) -> None:
+    """The last lines of a training command: where things are, or how to resume after Ctrl-C."""
+    if result.status == "interrupted":
+        click.echo(f"interrupted at step {result.step}; checkpoint saved in {result.checkpoint}. "
+                   f"Continue with the same command plus --resume.", err=True)  # fmt: skip
+        raise SystemExit(130)
+    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
+    if result.val_loss is not None:
+        losses += f", validation loss {result.val_loss:.4f}"
+    click.echo(f"done: {result.step} steps, {losses}; {what} in {out}")
+
+
+@click.command("sft")
+@click.argument("model", required=False)
+@dataclass_options(SFTConfig, skip=("model",))
+@click.pass_context
+def sft(ctx: click.Context, model: str | None, config_file: Path | None, **_: object) -> None:
+    """Supervised fine-tuning of MODEL (LoRA/QLoRA by default, --full for all weights) on --data.
+
+    Defaults are the Llama 2 paper's SFT recipe (lr 2e-5, cosine to 10%, weight decay 0.1, batch 64, 4096 tokens,
+    2 epochs, loss on answers only). For LoRA a higher learning rate such as --lr 1e-4 usually works better.
+    Run on several machines with `mlx.launch ... llama2-mlx sft ...`: the batch is split across processes.
+    """
+    from llama2_mlx.sft import run_sft
+
+    config = build_config(SFTConfig, ctx, config_file, extra={"model": model})
+    result, report = run_sft(config)
+    click.echo(f"data: {report.summary()}", err=True)
+    _finish(result, Path(config.out), "the model folder" if config.full else "the adapter")
+
+
+@click.command("fuse")
+@click.argument("model", required=False)
+@click.option(
+    "--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Adapter folder from sft."
+)
+@click.option("--out", required=True, type=click.Path(), help="New model folder to write.")
+@click.option("--dequantize", is_flag=True, help="Write float weights even if MODEL is quantized.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def fuse(model: str | None, adapter: str, out: str, dequantize: bool, force: bool) -> None:
+    """Merge a LoRA adapter into MODEL's weights and write a standalone model folder."""
+    from llama2_mlx.loading import demo_model_path
+    from llama2_mlx.lora import fuse_adapter
+
+    path = fuse_adapter(model or demo_model_path(), adapter, out, dequantize=dequantize, force=force)
+    click.echo(f"fused model written to {path}")
+
+
+COMMANDS: list[click.Command] = [sft, fuse]
