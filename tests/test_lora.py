@@ -157,3 +157,23 @@ def test_adapter_that_does_not_match_is_reported(tmp_path, tiny_model_dir):
     write_adapter_config(tmp_path, LoRAConfig(rank=8), n_layers=2, base_model=None)
     with pytest.raises(Llama2MLXError, match="has shape"):
         apply_adapter(load_model(tiny_model_dir), tmp_path)
+
+
+def test_fuse_cli(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from llama2_mlx.cli import cli
+
+    model = load_model(tiny_model_dir)
+    config = LoRAConfig(rank=2, targets=["k", "down"])
+    apply_lora(model, config)
+    randomize_b(model, seed=4)
+    expected = np.array(model(TOKENS))
+    save_adapters(model, tmp_path / "a")
+    write_adapter_config(tmp_path / "a", config, n_layers=2, base_model=str(tiny_model_dir))
+    args = ["fuse", str(tiny_model_dir), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "f")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.array(load_model(tmp_path / "f")(TOKENS)), expected, atol=1e-4)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "already exists" in result.output
