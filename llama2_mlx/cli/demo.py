@@ -1,4 +1,4 @@
-"""Commands of the demo model's pipeline: the synthetic world's data and tokenizer training."""
+"""Commands of the demo model's pipeline: the synthetic world's data, tokenizer training and evaluation."""
 
 from __future__ import annotations
 
@@ -44,4 +44,54 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
     click.echo(train(corpus, vocab_size, out))
 
 
-COMMANDS: list[click.Command] = [world, train_tokenizer]
+@click.command("eval")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Held-out prompts jsonl (`world` writes heldout.jsonl); default: the world's own held-out set.",
+)
+@click.option("--seed", default=0, show_default=True, help="World seed of the default held-out set.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=48, show_default=True, help="Most tokens per answer."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Dialogs answered together.",
+)
+@click.option(
+    "--adapter", type=click.Path(path_type=Path), default=None, help="LoRA adapter folder to apply."
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the scores to this JSON file.",
+)
+def eval_command(model: Path | None, prompts: Path | None, seed: int, max_tokens: int, batch_size: int,
+                 adapter: Path | None, json_out: Path | None) -> None:  # fmt: skip
+    """Score MODEL (default: the demo model) on held-out world prompts with greedy decoding.
+
+    Prints task accuracy per skill and, for dialogs under a system style instruction, the share of answers that
+    follow it at each turn (the model's own earlier answers are fed back).
+    """
+    import json
+
+    from llama2_mlx.atomic_io import write_text_atomic
+    from llama2_mlx.evaluation import evaluate, format_report, read_heldout, world_heldout
+    from llama2_mlx.loading import demo_model_path, load
+
+    loaded, tok = load(model or demo_model_path(), adapter)
+    items = read_heldout(prompts) if prompts is not None else world_heldout(seed)
+    report = evaluate(loaded, tok, items, max_tokens=max_tokens, batch_size=batch_size)
+    click.echo(format_report(report))
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_json(), indent=2) + "\n")
+
+
+COMMANDS: list[click.Command] = [world, train_tokenizer, eval_command]
