@@ -1,0 +1,31 @@
+"""Helpers shared by the benchmark scripts: timing with warm-up, and the machine description for the record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import mlx.core as mx
+
+
+def time_call(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds of `fn()` (its result is evaluated), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def machine() -> str:
+    blas = "OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else "default BLAS"
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} "
+        f"on {mx.default_device()}, {blas}"
+    )
