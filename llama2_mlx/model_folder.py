@@ -85,7 +85,7 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         raise Llama2MLXError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for name, array in weights.items():
+    for name, array in sorted(weights.items()):
         if tuple(array.shape) != tuple(expected[name].shape):
             raise Llama2MLXError(
                 f"{source}: tensor {name} has shape {tuple(array.shape)}, the config expects {tuple(expected[name].shape)}"
