@@ -138,7 +138,7 @@ def generate_rows(
     tokens = mx.array([[eos_id] * pad + list(p) for pad, p in zip(pads, prompts, strict=True)])
     pad_array = mx.array(pads) if any(pads) else None
     cache = model.make_cache()
-    logits = model(tokens, mask=_prefill_mask(pad_array, width), cache=cache)[:, -1, :]
+    logits = _prefill(model, tokens, pad_array, cache)
     if n_samples > 1:
         rows = mx.repeat(mx.arange(len(prompts)), n_samples)
         for layer_cache in cache:
@@ -161,9 +161,8 @@ def generate_rows(
     stats.prompt_tokens = sum(len(p) for p in prompts)
     for step in range(max_tokens):
         if step + 1 < max_tokens:  # queue the next step before reading this token back
-            mask = None
-            if pad_array is not None:
-                mask = (mx.arange(cache[0].offset + 1)[None, :] >= pad_array[:, None])[:, None, None, :]
+            offset = cache[0].offset
+            mask = _attention_mask(pad_array, offset, offset + 1)
             next_y = next_token(model(y[:, None], mask=mask, cache=cache)[:, -1, :])
             mx.async_eval(next_y)
         ids = y.tolist()
@@ -189,17 +188,33 @@ def generate_rows(
         y = next_y
 
 
-def _prefill_mask(pads: mx.array | None, width: int) -> mx.array | None:
-    """Causal mask that also hides left padding: [batch, 1, width, width], True = may attend.
+def _prefill(
+    model: Llama, tokens: mx.array, pads: mx.array | None, cache: list, chunk: int = 512
+) -> mx.array:
+    """Run the prompt into the cache in chunks; logits [batch, vocab] of the last position only.
 
-    A pad position attends to itself only, so its (unused) hidden state stays finite instead of NaN.
+    Only the cache of the first width-1 positions is evaluated, so the vocabulary projection is never computed
+    for prompt positions whose logits nobody reads (it is the largest matmul of a small model).
+    """
+    width = tokens.shape[1]
+    for start in range(0, width - 1, chunk):
+        end = min(start + chunk, width - 1)
+        model(tokens[:, start:end], mask=_attention_mask(pads, start, end), cache=cache)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+    return model(tokens[:, -1:], mask=_attention_mask(pads, width - 1, width), cache=cache)[:, -1, :]
+
+
+def _attention_mask(pads: mx.array | None, start: int, end: int) -> mx.array | None:
+    """Mask for query positions [start, end) over keys [0, end) that also hides each row's left padding.
+
+    [batch, 1, end - start, end], True = may attend; None (the model's causal mask) when nothing is padded.
+    A pad position attends to itself only, so its unused hidden state stays finite instead of NaN.
     """
     if pads is None:
         return None
-    position = mx.arange(width)
-    causal = position[:, None] >= position[None, :]
-    real_key = position[None, :] >= pads[:, None]  # [batch, width]
-    mask = (causal[None] & real_key[:, None, :]) | (position[:, None] == position[None, :])[None]
+    query, key = mx.arange(start, end)[:, None], mx.arange(end)[None, :]
+    real_key = (key >= pads[:, None])[:, None, :]  # [batch, 1, end]
+    mask = (key <= query)[None] & (real_key | (key == query)[None])
     return mask[:, None]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.generation import (
+    _prefill,
     encode_prompt,
     fit_dialog,
     generate,
@@ -148,3 +149,17 @@ def test_chat_outgrowing_the_context_is_reported(tok):
     assert stats.prompt_tokens == len(expected)
     with pytest.raises(Llama2MLXError, match="the prompt is"):
         generate(small, tok, "the answer is " * 60, max_tokens=16)
+
+
+def test_chunked_prefill_with_padding_matches_full_forward(model, tok):
+    """Prefill in chunks of 5 (left-padded rows included) gives the last-position logits of a plain forward."""
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    width = max(len(p) for p in prompts)
+    pads = mx.array([width - len(p) for p in prompts])
+    tokens = mx.array([[2] * (width - len(p)) + p for p in prompts])
+    logits = _prefill(model, tokens, pads, model.make_cache(), chunk=5)
+    for row, prompt in enumerate(prompts):
+        expected = model(mx.array([prompt]))[0, -1]
+        assert mx.allclose(logits[row], expected, atol=1e-4, rtol=1e-4).item()
+    single = _prefill(model, mx.array([prompts[1]]), None, model.make_cache(), chunk=5)
+    assert mx.allclose(single[0], model(mx.array([prompts[1]]))[0, -1], atol=1e-4, rtol=1e-4).item()
