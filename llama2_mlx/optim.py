@@ -1,14 +1,15 @@
 """The Llama 2 optimiser and learning-rate schedule (LLAMA2_RECIPE.md, "Pretraining optimiser").
 
-AdamW with beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1, gradients clipped to global norm 1.0, and a linear
-warmup followed by a cosine decay to 10% of the peak. Every trainer here (SFT, pretraining, the reward model)
+AdamW with beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1, and a linear warmup followed by a cosine decay to
+10% of the peak. (Clipping to global norm 1.0 is done by the training loop: `TrainConfig.clip_norm`.) Every trainer here (SFT, pretraining, the reward model)
 starts from these numbers and overrides only what its recipe changes (the peak LR, the warmup).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -25,7 +26,6 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-5
-    clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -37,15 +37,22 @@ class OptimizerConfig:
         if self.weight_decay < 0:
             raise Llama2MLXError(f"weight decay must be >= 0, got {self.weight_decay}")
 
+    @classmethod
+    def from_job(cls, job: Any, **overrides: Any) -> OptimizerConfig:
+        """Take the same-named fields of a job's config (SFTConfig, PretrainConfig, ...), then `overrides`."""
+        values = {f.name: getattr(job, f.name) for f in fields(cls) if hasattr(job, f.name)}
+        return cls(**{**values, **overrides})
+
 
 def warmup_cosine(
     peak: float, warmup: int, total: int, min_fraction: float = 0.1
 ) -> Callable[[mx.array], mx.array]:
     """LR at optimizer step s: linear from peak/warmup up to peak over `warmup` steps, then cosine to min_fraction*peak.
 
-    The warmup starts at peak/warmup rather than 0 so that the first update is not wasted.
+    Steps count from 0 (MLX's optimizers use schedule(0) for the first update); the warmup starts at peak/warmup
+    rather than 0 so that the first update is not wasted, and the last step (total - 1) runs at min_fraction*peak.
     """
-    decay_steps = max(total - warmup, 1)
+    decay_steps = max(total - warmup - 1, 1)
     cosine = optim.cosine_decay(peak, decay_steps, peak * min_fraction)
     if warmup == 0:
         return cosine

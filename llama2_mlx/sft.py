@@ -8,7 +8,6 @@ and `fuse`) or a full model folder (`full`), plus metrics.jsonl, sft_config.json
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,6 +93,7 @@ def run_sft(config: SFTConfig):
     import mlx.core as mx
     import mlx.nn as nn
 
+    from llama2_mlx.atomic_io import write_model_files, write_text_atomic
     from llama2_mlx.data import Batcher, EncodeOptions, load_sft_data
     from llama2_mlx.loading import demo_model_path, load
     from llama2_mlx.lora import LoRAConfig, apply_lora, save_adapters, write_adapter_config
@@ -120,7 +120,6 @@ def run_sft(config: SFTConfig):
     micro_batch = config.batch_size // config.grad_accum
     batches = Batcher(train_examples, micro_batch, **batching)
     val_batches = Batcher(valid_examples, micro_batch, **batching).once if valid_examples else None
-    iters = config.iters or max(1, math.ceil(config.epochs * len(batches) / config.grad_accum))
 
     lora = None
     if config.full:
@@ -144,29 +143,14 @@ def run_sft(config: SFTConfig):
 
     if world.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sft_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_text_atomic(out / "sft_config.json", json.dumps(asdict(config), indent=2) + "\n")
         if lora is not None:
             write_adapter_config(out, lora, len(model.layers), str(model_path))
 
-    optimizer = make_optimizer(
-        OptimizerConfig(lr=config.lr, warmup=config.warmup, weight_decay=config.weight_decay), iters
-    )
-    train_config = TrainConfig(
-        iters=iters,
-        grad_accum=config.grad_accum,
-        grad_checkpoint=config.grad_checkpoint,
-        clip_norm=config.clip_norm or None,
-        report_every=config.report_every,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        out_dir=out,
-        resume=config.resume,
-        progress=config.progress,
-    )
+    train_config = TrainConfig.from_job(config, len(batches))
+    optimizer = make_optimizer(OptimizerConfig.from_job(config), train_config.iters)
     callbacks = [SaveAdapters()] if lora is not None else []
     result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
     if config.full and world.rank() == 0:
-        from llama2_mlx.atomic_io import write_model_files
-
         write_model_files(model, out, tokenizer_dir=model_path)
     return result, report

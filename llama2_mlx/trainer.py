@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,15 @@ class TrainConfig:
             raise Llama2MLXError(f"grad_accum must be positive, got {self.grad_accum}")
         if self.out_dir is not None:
             self.out_dir = Path(self.out_dir)
+
+    @classmethod
+    def from_job(cls, job: Any, batches_per_epoch: int) -> TrainConfig:
+        """Take the same-named fields of a job's config (SFTConfig, ...); `iters` defaults to its `epochs`."""
+        values = {f.name: getattr(job, f.name) for f in fields(cls) if hasattr(job, f.name)}
+        if not values.get("iters"):
+            values["iters"] = max(1, math.ceil(job.epochs * batches_per_epoch / values.get("grad_accum", 1)))
+        values["out_dir"] = Path(job.out)
+        return cls(**values)
 
 
 class Callback:

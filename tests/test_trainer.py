@@ -76,12 +76,12 @@ def test_document_mask_is_block_causal():
 
 
 def test_warmup_then_cosine_to_ten_percent():
-    schedule = warmup_cosine(1e-3, warmup=4, total=14)
-    values = [schedule(mx.array(s)).item() for s in range(15)]
+    schedule = warmup_cosine(1e-3, warmup=4, total=14)  # steps 0..13
+    values = [schedule(mx.array(s)).item() for s in range(14)]
     assert values[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert values[4] == pytest.approx(1e-3)
-    assert values[9] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
-    assert values[14] == pytest.approx(1e-4)
+    assert values[7] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 9)))
+    assert values[13] == pytest.approx(1e-4)
 
 
 def test_paper_optimizer_defaults():

@@ -33,7 +33,7 @@ def _fields(cls: type, skip: tuple[str, ...]) -> list[tuple[dataclasses.Field, t
 
 
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()):
-    """Decorator adding one click option per field of `cls` (except `skip`) and `-c/--config FILE`."""
+    """Decorator adding one click option per field of `cls` (except `skip`) and `-c/--config-file FILE`."""
 
     def decorate(command):
         for f, kind in reversed(_fields(cls, skip)):
@@ -55,7 +55,7 @@ def dataclass_options(cls: type, skip: tuple[str, ...] = ()):
                 help=help_text + (" [required]" if required else ""),
             )(command)
         return click.option(
-            "-c", "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            "-c", "--config-file", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="YAML file with the same keys as the flags; flags given on the command line win.",
         )(command)  # fmt: skip
 

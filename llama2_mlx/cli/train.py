@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from llama2_mlx.cli.dataclass_options import build_config, dataclass_options
+from llama2_mlx.pretrain import PretrainConfig
 from llama2_mlx.sft import SFTConfig
 
 
@@ -58,4 +59,29 @@ def fuse(model: str | None, adapter: str, out: str, dequantize: bool, force: boo
     click.echo(f"fused model written to {path}")
 
 
-COMMANDS: list[click.Command] = [sft, fuse]
+@click.command("pretrain")
+@dataclass_options(PretrainConfig)
+@click.pass_context
+def pretrain(ctx: click.Context, config_file: Path | None, **_: object) -> None:
+    """Train a new model from random weights (--config PRESET|params.json) on a text corpus (--data).
+
+    The paper's pretraining optimiser: AdamW 0.9/0.95/1e-5, weight decay 0.1, clip 1.0, lr 3e-4, 2000 warmup
+    steps, cosine to 10%. --out becomes a model folder that every other command takes.
+    """
+    from llama2_mlx.pretrain import run_pretrain
+
+    config = build_config(PretrainConfig, ctx, config_file)
+    _finish(run_pretrain(config), Path(config.out), "the model folder")
+
+
+@click.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default: RUN_DIR/loss.png).")
+def plot(run_dir: str, out: str | None) -> None:
+    """Draw the training and validation loss curves of RUN_DIR/metrics.jsonl to a PNG."""
+    from llama2_mlx.plot import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, out)}")
+
+
+COMMANDS: list[click.Command] = [sft, fuse, pretrain, plot]

@@ -1,0 +1,83 @@
+"""Pretraining from random weights on the shared loop: validation loss falls; the output is a model folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from llama2_mlx.cli import cli
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.loading import load
+from llama2_mlx.pretrain import model_args_for
+from llama2_mlx.tokenizer import Tokenizer
+
+
+def corpus(n: int, seed: int) -> str:
+    """Documents with structure a tiny model learns in a few steps: counting and sums."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        a = int(rng.integers(0, 20))
+        lines.append(" ".join(str(a + i) for i in range(8)) + f" the quick brown fox {a} + 1 = {a + 1}")
+    return "\n".join(lines) + "\n"
+
+
+def test_pretrain_cli_lowers_validation_loss_and_writes_a_model_folder(tmp_path, tokenizer_dir):
+    (tmp_path / "train.txt").write_text(corpus(200, 0))
+    (tmp_path / "valid.txt").write_text(corpus(20, 1))
+    (tmp_path / "params.json").write_text(json.dumps(
+        {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "norm_eps": 1e-5,
+         "vocab_size": -1}))  # fmt: skip
+    out = tmp_path / "model"
+    args = ["pretrain", "--config", str(tmp_path / "params.json"), "--data", str(tmp_path / "train.txt"),
+            "--valid", str(tmp_path / "valid.txt"), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+            "--seq-len", "64", "--batch-size", "8", "--iters", "30", "--lr", "3e-3", "--eval-every", "15",
+            "--save-every", "15", "--report-every", "1", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 3 and vals[0] > 5.5 and vals[-1] < vals[0] - 2.0  # ln(384) = 5.95 at random init
+    lrs = [r["lr"] for r in records if "lr" in r]  # warmup = 10% of 30 steps, then cosine to 10% of the peak
+    assert lrs[:4] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-4)
+
+    model, tok = load(out)
+    assert model.args.dim == 64 and model.args.n_kv_heads == 2 and model.args.vocab_size == tok.vocab_size
+    assert model.args.hidden_dim == 192  # Meta's rounding: int(2 * 256 / 3) = 170 -> multiple of 32
+
+    plot = CliRunner().invoke(cli, ["plot", str(out)])
+    assert plot.exit_code == 0, plot.output
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_config_sources(tmp_path):
+    assert model_args_for("tiny-gqa", 384).n_kv_heads == 2 and model_args_for("tiny", 100).vocab_size == 100
+    with pytest.raises(Llama2MLXError, match="unknown model preset 'small'"):
+        model_args_for("small", 384)
+
+
+def test_bad_corpus_line(tmp_path, tokenizer_dir):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"txt": "x"}\n')
+    args = ["pretrain", "--config", "tiny", "--data", str(tmp_path / "c.jsonl"), "--tokenizer",
+            str(tokenizer_dir / "tokenizer.model"), "--out", str(tmp_path / "o")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert (
+        result.exit_code == 1
+        and f'{tmp_path / "c.jsonl"}:2: expected an object with a string "text"' in result.output
+    )
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = CliRunner().invoke(cli, ["plot", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: plotting needs matplotlib: pip install llama2-mlx[plot]"
+
+
+def test_tokenizer_vocab_drives_the_model(tokenizer_dir):
+    assert Tokenizer(tokenizer_dir / "tokenizer.model").vocab_size == 384
