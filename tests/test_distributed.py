@@ -1,0 +1,59 @@
+"""Data parallel through mx.distributed: 2 local processes give the losses of 1 process on the combined batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import distributed_worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launcher() -> str:
+    """mlx.launch beside this Python (the console script of the mlx package), else on PATH."""
+    beside = Path(sys.executable).parent / "mlx.launch"
+    found = str(beside) if beside.is_file() else shutil.which("mlx.launch")
+    if found is None:
+        pytest.fail("mlx.launch not found; it ships with the mlx package")
+    return found
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
+    two = tmp_path / "two"
+    two.mkdir()
+    port = str(random.Random(os.getpid()).randint(20000, 40000))
+    command = [launcher(), "-n", "2", "--starting-port", port, "--", sys.executable,
+               str(ROOT / "tests" / "distributed_worker.py"), str(two)]  # fmt: skip
+    # mlx.launch exits 0 even when a rank fails, so the proof is in the files each rank writes
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    outputs = [two / f"losses_rank{r}.json" for r in (0, 1)]
+    assert all(p.is_file() for p in outputs), run.stdout + run.stderr
+
+    one = tmp_path / "one"
+    one.mkdir()
+    distributed_worker.main(one)
+    expected = json.loads((one / "losses_rank0.json").read_text())
+    for path in outputs:
+        got = json.loads(path.read_text())
+        assert [r["step"] for r in got] == [r["step"] for r in expected]
+        for mine, theirs in zip(got, expected, strict=True):
+            key = "val_loss" if "val_loss" in theirs else "loss"
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine, theirs)
+
+    def tokens(history):
+        return [r["trained_tokens"] for r in history if "loss" in r]
+
+    assert tokens(json.loads(outputs[0].read_text())) == tokens(expected)  # tokens of both ranks are counted
+
+    # only rank 0 writes the run folder, and it holds what one process writes
+    assert (two / "run" / "checkpoint" / "trainer_state.json").is_file()
+    assert json.loads((two / "run" / "checkpoint" / "trainer_state.json").read_text())["world_size"] == 2
+    assert len((two / "run" / "metrics.jsonl").read_text().splitlines()) == len(expected)
