@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from llama2_mlx.checkpoints.convert import convert
 from llama2_mlx.cli import cli
@@ -72,7 +73,11 @@ def test_mp1_float32_matches_meta_reference(meta_mp1, mha_reference, tmp_path):
     assert result.parameters == sum(p.numel() for p in mha_reference.parameters())
 
 
-def test_mp2_gqa_bfloat16_stays_bfloat16_and_matches(meta_mp2, gqa_reference, tmp_path, tokenizer_dir):
+def test_mp2_gqa_bfloat16_stays_bfloat16_and_matches(
+    meta_mp2, gqa_reference, tmp_path, tokenizer_dir, monkeypatch
+):
+    # tiny blocks: every tensor streams in several row blocks (wq/wk in whole heads, wo/w2 stitched from 2 shards)
+    monkeypatch.setattr("llama2_mlx.checkpoints.convert.BLOCK_BYTES", 1000)
     state = {k: v.to(torch.bfloat16) for k, v in gqa_reference.state_dict().items()}
     bf16 = write_meta_folder(tmp_path / "bf16", GQA, state, 2, tokenizer_dir, dtype=torch.bfloat16)
     shard = torch.load(bf16 / "consolidated.01.pth")
@@ -81,8 +86,13 @@ def test_mp2_gqa_bfloat16_stays_bfloat16_and_matches(meta_mp2, gqa_reference, tm
     convert(bf16, tmp_path / "out", max_shard_bytes=40_000)  # forces several output shards
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    stored = mx.load(str(tmp_path / "out" / index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]))
+    file = tmp_path / "out" / index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]
+    stored = mx.load(str(file))
     assert stored["model.layers.1.self_attn.k_proj.weight"].dtype == mx.bfloat16
+    with safe_open(file, "pt") as reader:  # the reference safetensors library reads our streamed shards too
+        for name in reader.keys():
+            expected = np.array(stored[name].astype(mx.float32))
+            np.testing.assert_array_equal(reader.get_tensor(name).float().numpy(), expected)
     # the reference with the same bf16-rounded weights, computed in float32 like our CPU load
     rounded = meta_reference(GQA)
     rounded.load_state_dict({k: v.float() for k, v in state.items()})

@@ -42,7 +42,10 @@ def float_logits(meta_folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 64), (8, 32)])
-def test_quantized_logit_error_is_bounded(meta_folder, float_logits, tmp_path, bits, group_size):
+def test_quantized_logit_error_is_bounded(meta_folder, float_logits, tmp_path, bits, group_size, monkeypatch):
+    monkeypatch.setattr(
+        "llama2_mlx.checkpoints.convert.BLOCK_BYTES", 3000
+    )  # quantized block by block of rows
     result = convert(meta_folder, tmp_path / "q", quantize=bits, group_size=group_size)
     assert result.quantization == {"group_size": group_size, "bits": bits}
     config = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -58,7 +61,11 @@ def test_quantized_logit_error_is_bounded(meta_folder, float_logits, tmp_path, b
 
 
 def test_mlx_lm_loads_the_quantized_folder(meta_folder, tmp_path):
-    convert(meta_folder, tmp_path / "q4", quantize=4, group_size=32)
+    convert(meta_folder, tmp_path / "q4", quantize=4, group_size=32, max_shard_bytes=30_000)
+    index = json.loads((tmp_path / "q4" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    stem = "model.layers.1.mlp.down_proj"  # a quantized weight stays in one shard with its scales and biases
+    assert len({index["weight_map"][f"{stem}.{part}"] for part in ("weight", "scales", "biases")}) == 1
     model, _ = mlx_lm.load(str(tmp_path / "q4"))
     theirs = np.array(model(TOKENS).astype(mx.float32))
     ours = np.array(load_model(tmp_path / "q4")(TOKENS))

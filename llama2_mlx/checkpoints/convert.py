@@ -1,12 +1,14 @@
 """`convert`: a Meta folder, a Hugging Face folder or a hub id into an MLX model folder, one tensor at a time.
 
 Everything that can be checked from metadata (names, shapes, shard counts, vocab) is checked before the output folder
-is created. Then each tensor is read, merged, permuted, cast (and quantized), handed to `ShardedWriter`, and dropped,
-so peak memory is about one output shard plus the largest tensor, not the model. The folder is written atomically.
+is created. The output shards are then laid out, and each tensor streams through in blocks of rows: read, merged,
+permuted, cast (and quantized), written at its place in its shard, dropped. Peak memory is a few blocks, not the
+model nor a shard. The folder is written atomically.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -16,14 +18,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from llama2_mlx.checkpoints.checkpoint import Checkpoint
+from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource
 from llama2_mlx.checkpoints.hf import read_hf
 from llama2_mlx.checkpoints.hub import resolve
 from llama2_mlx.checkpoints.meta import is_meta_folder, read_meta
+from llama2_mlx.checkpoints.writer import Entry, PlannedShardWriter
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import (
     DEFAULT_SHARD_BYTES,
-    ShardedWriter,
     atomic_folder,
     build_model,
     copy_tokenizer,
@@ -32,6 +34,7 @@ from llama2_mlx.model_folder import (
 
 QUANTIZE_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+BLOCK_BYTES = 16 * 2**20  # rows are read, merged, cast and written in blocks of about this size
 
 # progress(tensor name, bytes read so far, total bytes to read)
 Progress = Callable[[str, int, int], None]
@@ -91,40 +94,27 @@ def convert(
     quantization = _quantization(quantize, group_size)
     checkpoint = open_checkpoint(src, verify)
     _check_tensors(checkpoint, _model_parameters(checkpoint, None))
-    quantized = {
-        name[: -len(".scales")]
-        for name in _model_parameters(checkpoint, quantization)
-        if name.endswith(".scales")
-    }
+    quantized = _model_parameters(checkpoint, quantization) if quantization else {}
+    plan = {name: _outputs(name, tensor, target, quantized) for name, tensor in checkpoint.tensors.items()}
 
-    done, parameters = 0, 0
+    done = 0
     with atomic_folder(dst, force=force) as tmp:
-        with ShardedWriter(tmp, max_shard_bytes) as writer:
-            for name, (shape, load) in checkpoint.tensors.items():
-                array = load()
-                if tuple(array.shape) != tuple(shape):  # the data must match the metadata checked above
-                    raise Llama2MLXError(
-                        f"{checkpoint.source}: tensor {name} read as {array.shape}, expected {shape}"
-                    )
-                done += array.nbytes
-                parameters += array.size
-                if target is not None and mx.issubdtype(array.dtype, mx.floating):
-                    array = array.astype(target)
-                stem = name.rsplit(".", 1)[0]
-                if stem in quantized:
-                    weight, scales, biases = mx.quantize(array, **quantization)
-                    mx.eval(weight, scales, biases)
-                    for suffix, part in (("weight", weight), ("scales", scales), ("biases", biases)):
-                        writer.add(f"{stem}.{suffix}", part)
-                else:
-                    mx.eval(array)
-                    writer.add(name, array)
-                del array
-                if progress is not None:
-                    progress(name, done, checkpoint.nbytes)
-        config = checkpoint.args.to_hf_config()
+        with PlannedShardWriter(tmp, list(plan.values()), max_shard_bytes) as writer:
+            for name, tensor in checkpoint.tensors.items():
+                rows = max(1, BLOCK_BYTES * tensor.shape[0] // max(1, tensor.nbytes)) if tensor.shape else 1
+                for block in tensor.blocks(rows):
+                    done += block.nbytes
+                    if target is not None and mx.issubdtype(block.dtype, mx.floating):
+                        block = block.astype(target)
+                    parts = mx.quantize(block, **quantization) if len(plan[name]) == 3 else (block,)
+                    mx.eval(*parts)
+                    for (out_name, _, _), part in zip(plan[name], parts, strict=True):
+                        writer.write(out_name, part)
+                    del block, parts
+                    if progress is not None:
+                        progress(name, done, checkpoint.nbytes)
         final_dtype = target or checkpoint.dtype
-        config["torch_dtype"] = _dtype_name(final_dtype)
+        config = checkpoint.args.to_hf_config() | {"torch_dtype": _dtype_name(final_dtype)}
         if quantization:
             config["quantization"] = quantization
         write_config(tmp, config)
@@ -132,9 +122,29 @@ def convert(
             copy_tokenizer(checkpoint.tokenizer_dir, tmp)
     path = Path(dst)
     size = sum(file.stat().st_size for file in path.iterdir() if file.is_file())
+    parameters = sum(math.prod(tensor.shape) for tensor in checkpoint.tensors.values())
     return ConvertResult(
         path, parameters, _dtype_name(final_dtype), quantization, size, time.perf_counter() - start
     )
+
+
+def _outputs(
+    name: str, tensor: TensorSource, target: mx.Dtype | None, quantized: dict[str, mx.array]
+) -> list[Entry]:
+    """The tensor(s) one checkpoint tensor becomes: itself (cast), or a quantized weight with its scales and biases."""
+    dtype = target if target is not None and mx.issubdtype(tensor.dtype, mx.floating) else tensor.dtype
+    stem = name.rsplit(".", 1)[0]
+    if f"{stem}.scales" not in quantized:
+        return [(name, tensor.shape, dtype)]
+    return [
+        (f"{stem}.weight", tuple(quantized[f"{stem}.weight"].shape), mx.uint32),
+        (
+            f"{stem}.scales",
+            tuple(quantized[f"{stem}.scales"].shape),
+            dtype,
+        ),  # scales follow the weight's dtype
+        (f"{stem}.biases", tuple(quantized[f"{stem}.biases"].shape), dtype),
+    ]
 
 
 def _parse_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
@@ -172,10 +182,10 @@ def _check_tensors(checkpoint: Checkpoint, expected: dict[str, mx.array]) -> Non
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise Llama2MLXError(f"{checkpoint.source}: unexpected tensor {unexpected[0]}{more}")
-    for name, (shape, _) in sorted(checkpoint.tensors.items()):
-        if tuple(shape) != tuple(expected[name].shape):
+    for name, tensor in sorted(checkpoint.tensors.items()):
+        if tuple(tensor.shape) != tuple(expected[name].shape):
             raise Llama2MLXError(
-                f"{checkpoint.source}: tensor {name} has shape {tuple(shape)}, "
+                f"{checkpoint.source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the config expects {tuple(expected[name].shape)}"
             )
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
 
-from llama2_mlx.checkpoints.checkpoint import Checkpoint
+from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource, row_blocks
 from llama2_mlx.checkpoints.hf import meta_to_hf_rows
 from llama2_mlx.checkpoints.pth import LazyTensor, read_pth
 from llama2_mlx.config import ModelArgs
@@ -67,11 +67,15 @@ def read_meta(folder: Path, verify: bool = False) -> Checkpoint:
     for meta_name, (hf_name, axis) in layouts.items():
         parts = [(path, table[meta_name]) for path, table in zip(shards, tables, strict=True)]
         shape = _merged_shape(meta_name, parts, axis)
-        heads = {"wq": args.n_heads, "wk": args.n_kv_heads}.get(meta_name.split(".")[-2])
-        tensors[hf_name] = (shape, _loader(meta_name, parts, axis, heads))
-    nbytes = sum(t.nbytes for table in tables for name, t in table.items() if name not in IGNORED)
+        permuted = meta_name.endswith(("attention.wq.weight", "attention.wk.weight"))
+        if permuted and parts[0][1].shape[0] % args.head_dim:
+            raise Llama2MLXError(
+                f"{parts[0][0]}: {meta_name} has {parts[0][1].shape[0]} rows, not whole heads"
+            )
+        blocks = _blocks(meta_name, parts, axis, args.head_dim if permuted else None)
+        tensors[hf_name] = TensorSource(shape, parts[0][1].mx_dtype, blocks)
     dtype = tables[0]["norm.weight"].mx_dtype
-    return Checkpoint(args, tensors, dtype, nbytes, str(folder), tokenizer_dir)
+    return Checkpoint(args, tensors, dtype, str(folder), tokenizer_dir)
 
 
 def verify_checklist(folder: Path) -> None:
@@ -180,23 +184,30 @@ def _merged_shape(name: str, parts: list[tuple[Path, LazyTensor]], axis: int | N
     return tuple(shape)
 
 
-def _loader(name: str, parts: list[tuple[Path, LazyTensor]], axis: int | None, heads: int | None) -> Callable:
-    """Read every shard's slice, merge, and permute wq/wk rows; called once, when the converter gets here."""
+def _blocks(
+    name: str, parts: list[tuple[Path, LazyTensor]], axis: int | None, head_dim: int | None
+) -> Callable:
+    """Row blocks of the merged tensor, read shard by shard; wq/wk blocks hold whole heads, permuted per head."""
 
-    def load() -> mx.array:
-        if axis is None:
+    def blocks(rows: int) -> Iterator[mx.array]:
+        if axis is None:  # replicated: shard 0's copy, after checking the others hold the same values
             array = parts[0][1].load()
             for path, tensor in parts[1:]:
                 if not mx.array_equal(tensor.load(), array).item():
                     raise Llama2MLXError(
                         f"shards disagree on replicated tensor {name}: {path.name} differs from {parts[0][0].name}"
                     )
-            return array
-        array = (
-            mx.concatenate([tensor.load() for _, tensor in parts], axis=axis)
-            if len(parts) > 1
-            else parts[0][1].load()
-        )
-        return meta_to_hf_rows(array, heads) if heads else array
+            yield array
+        elif axis == 0:  # shards hold consecutive rows (whole heads for wq/wk)
+            if head_dim:
+                rows = max(head_dim, rows // head_dim * head_dim)
+            for _, tensor in parts:
+                for block in row_blocks(tensor.load_rows, tensor.shape[0], rows):
+                    yield meta_to_hf_rows(block, block.shape[0] // head_dim) if head_dim else block
+        else:  # shards hold consecutive columns: each block of rows is stitched from all of them
+            total = parts[0][1].shape[0]
+            for start in range(0, total, rows):
+                stop = min(start + rows, total)
+                yield mx.concatenate([tensor.load_rows(start, stop) for _, tensor in parts], axis=1)
 
-    return load
+    return blocks

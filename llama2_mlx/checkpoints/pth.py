@@ -74,10 +74,18 @@ class LazyTensor:
 
         return mx.bool_ if self.dtype == "bool" else getattr(mx, self.dtype)
 
-    def numpy(self) -> np.ndarray:
-        """A contiguous copy of the tensor (bf16 as its uint16 bits); the mapping is dropped before returning."""
+    def load(self):
+        """The whole tensor as an `mx.array` in its stored dtype (bf16 rebuilt from its bits)."""
+        return self.load_rows(0, self.shape[0] if self.shape else 1)
+
+    def load_rows(self, start: int, stop: int):
+        """Rows [start, stop) (the first axis) as an `mx.array`, copied out of a mapping made just for them.
+
+        The mapping is dropped before returning, so the checkpoint's pages never pile up in resident memory.
+        """
+        import mlx.core as mx
+
         raw = np.dtype(STORAGE_DTYPES_BY_NAME[self.dtype])
-        # Map only this storage's bytes; the mapping is released with `mapped` so pages do not pile up in RSS.
         mapped = np.memmap(
             self.path, dtype=raw, mode="r", offset=self.data_offset, shape=(self.storage_numel,)
         )
@@ -87,13 +95,8 @@ class LazyTensor:
             strides=tuple(s * raw.itemsize for s in self.strides),
             writeable=False,
         )
-        return np.array(view, copy=True, order="C")
-
-    def load(self):
-        """The tensor as an `mx.array` in its stored dtype (bf16 rebuilt from its bits)."""
-        import mlx.core as mx
-
-        array = mx.array(self.numpy())
+        array = mx.array(view[start:stop] if self.shape else view)  # a copy: touches only these rows' pages
+        del view, mapped
         return array.view(mx.bfloat16) if self.dtype == "bfloat16" else array
 
 

@@ -1,0 +1,112 @@
+"""`PlannedShardWriter`: safetensors shards written block by block, for tensors whose names and shapes are known.
+
+`ShardedWriter` keeps a shard's tensors in memory until the shard is full; a conversion knows every output tensor
+(name, shape, dtype) before reading any weight, so it can lay out the shards, write their headers first, and then
+put each block of rows straight at its place in the file. Memory is one block, whatever the shard size. Shard
+naming and the index are `ShardedWriter`'s (inherited `close`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.model_folder import DEFAULT_SHARD_BYTES, ShardedWriter
+
+SAFETENSORS_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
+                     mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.bool_: "BOOL"}  # fmt: skip
+
+# one output tensor of the plan: (name, shape, dtype)
+Entry = tuple[str, tuple[int, ...], mx.Dtype]
+
+
+class PlannedShardWriter(ShardedWriter):
+    """Streams tensors into shards laid out up front. `groups` (e.g. a quantized weight with its scales and
+    biases) are kept in one shard; a new shard starts when the next group would pass `max_shard_bytes`."""
+
+    def __init__(self, folder: Path, groups: list[list[Entry]], max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        super().__init__(folder, max_shard_bytes)
+        self.files: list[int] = []
+        self.regions: dict[str, tuple[int, int, int, mx.Dtype]] = {}  # name -> (file, next byte, end, dtype)
+        layout: list[list[Entry]] = [[]]
+        size = 0
+        for group in groups:
+            group_bytes = sum(_nbytes(shape, dtype) for _, shape, dtype in group)
+            if layout[-1] and size + group_bytes > max_shard_bytes:
+                layout.append([])
+                size = 0
+            layout[-1].extend(group)
+            size += group_bytes
+        for entries in layout:
+            self._open_shard(entries)
+
+    def _open_shard(self, entries: list[Entry]) -> None:
+        header: dict = {"__metadata__": {"format": "mlx"}}
+        offset = 0
+        for name, shape, dtype in entries:
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPE[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format allows space padding; keeps the data 8-byte aligned
+        path = self.folder / f"shard-{len(self.shards):05d}.tmp.safetensors"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        start = 8 + len(raw)
+        for name, _, dtype in entries:
+            begin, end = header[name]["data_offsets"]
+            self.regions[name] = (len(self.files), start + begin, start + end, dtype)
+        self.files.append(fd)
+        self.shards.append((path, [name for name, _, _ in entries]))
+        self.total_bytes += offset
+
+    def write(self, name: str, block: mx.array) -> None:
+        """Append the next block of rows of tensor `name` (blocks arrive in row order)."""
+        fd_index, position, end, dtype = self.regions[name]
+        if block.dtype != dtype or position + block.nbytes > end:
+            raise Llama2MLXError(
+                f"{name}: block {block.shape} {block.dtype} does not fit the planned tensor ({dtype})"
+            )
+        _pwrite_all(self.files[fd_index], memoryview(mx.contiguous(block)).cast("B"), position)
+        self.regions[name] = (fd_index, position + block.nbytes, end, dtype)
+
+    def add(self, name: str, array: mx.array) -> None:
+        self.write(name, array)
+
+    def close(self) -> None:
+        unfinished = [name for name, (_, position, end, _) in self.regions.items() if position != end]
+        self._close_files()
+        if unfinished:
+            raise Llama2MLXError(f"tensor {unfinished[0]} was not written completely")
+        super().close()
+
+    def _close_files(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.files = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_files()
+
+
+def _nbytes(shape: tuple[int, ...], dtype: mx.Dtype) -> int:
+    return math.prod(shape) * dtype.size
+
+
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    written = 0
+    while written < len(data):  # pwrite may write less than asked
+        written += os.pwrite(fd, data[written:], position + written)
