@@ -84,4 +84,34 @@ def plot(run_dir: str, out: str | None) -> None:
     click.echo(f"wrote {plot_run(run_dir, out)}")
 
 
-COMMANDS: list[click.Command] = [sft, fuse, pretrain, plot]
+@click.command("gatt-data")
+@click.argument("model", required=False)
+@click.option(
+    "--dialogs",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='Dialogs (.jsonl of {"messages"}); their user messages are kept, answers re-sampled.',
+)
+@click.option(
+    "--instructions",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='Instructions: .txt one a line, or .jsonl of {"instruction", "short"}.',
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .jsonl for sft --gatt.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="LoRA adapter on MODEL.")
+@click.option("--max-tokens", default=128, show_default=True, help="Longest sampled answer.")
+@click.option("--temperature", default=0.6, show_default=True, help="Sampling temperature (Meta's default).")
+@click.option("--top-p", default=0.9, show_default=True, help="Nucleus sampling mass (Meta's default).")
+@click.option("--seed", default=0, show_default=True, help="Seed for instruction choice and sampling.")
+@click.option("--batch-size", default=16, show_default=True, help="Dialogs sampled together.")
+def gatt_data(model, dialogs, instructions, out, adapter, **sampling) -> None:  # fmt: skip
+    """Build Ghost Attention dialogs: answers sampled with the instruction on every user message, kept only as
+    the first turn's system message in the output (train with `sft --gatt`)."""
+    from llama2_mlx.gatt import run_gatt_data
+
+    count = run_gatt_data(model, dialogs, instructions, out, adapter=adapter, **sampling)
+    click.echo(f"wrote {count} dialogs to {out}")
+
+
+COMMANDS: list[click.Command] = [sft, fuse, pretrain, plot, gatt_data]

@@ -1,0 +1,147 @@
+"""Ghost Attention data (LLAMA2_RECIPE.md "GAtt"): dialogs whose answers were sampled with an instruction.
+
+For each dialog [u1, a1, ..., un, an] an instruction is drawn; every answer is re-sampled from the model with the
+instruction appended to EVERY user message so far (turn by turn, all dialogs of a turn in one batch). The written
+dialog keeps the instruction only once, as the system message of the first turn, with the original user messages
+and the sampled answers; `llama2-mlx sft --gatt` then trains only the last answer of each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.tokenizer import Message
+
+
+@dataclass
+class Instruction:
+    text: str
+    short: str | None = None  # the paper uses a shortened form half the time ("Figure: Napoleon")
+
+
+def read_instructions(path: Path) -> list[Instruction]:
+    """A .txt with one instruction a line, or a .jsonl of {"instruction", optional "short"}."""
+    if not path.is_file():
+        raise Llama2MLXError(f"{path}: no such instructions file")
+    instructions = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            instructions.append(Instruction(line.strip()))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("instruction"), str)
+            or not row["instruction"].strip()
+        ):
+            raise Llama2MLXError(
+                f'{path}:{number}: expected {{"instruction": "...", "short": "..." (optional)}}'
+            )
+        instructions.append(Instruction(row["instruction"].strip(), row.get("short")))
+    if not instructions:
+        raise Llama2MLXError(f"{path}: no instructions")
+    return instructions
+
+
+def read_user_turns(path: Path) -> list[list[str]]:
+    """The user messages of each {"messages": [...]} dialog (system messages and old answers are dropped)."""
+    if not path.is_file():
+        raise Llama2MLXError(f"{path}: no such dialogs file")
+    dialogs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            users = [m["content"] for m in messages if m["role"] == "user"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise Llama2MLXError(
+                f'{path}:{number}: expected {{"messages": [{{"role", "content"}}, ...]}}'
+            ) from None
+        if not users or not all(isinstance(u, str) and u.strip() for u in users):
+            raise Llama2MLXError(f"{path}:{number}: the dialog needs non-empty user messages")
+        dialogs.append(users)
+    if not dialogs:
+        raise Llama2MLXError(f"{path}: no dialogs")
+    return dialogs
+
+
+def build_gatt_dialogs(
+    model,
+    tokenizer,
+    dialogs: list[list[str]],
+    instructions: list[Instruction],
+    max_tokens: int = 128,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[Message]]:
+    """Sample every answer with the instruction on every user message; return the dialogs to train on."""
+    from llama2_mlx.generation import generate_batch
+
+    rng = random.Random(seed)
+    chosen = []
+    for _ in dialogs:
+        instruction = rng.choice(instructions)
+        use_short = instruction.short is not None and rng.random() < 0.5
+        chosen.append(instruction.short if use_short else instruction.text)
+    answers: list[list[str]] = [[] for _ in dialogs]
+    for turn in range(max(len(users) for users in dialogs)):
+        active = [i for i, users in enumerate(dialogs) if len(users) > turn]
+        for start in range(0, len(active), batch_size):
+            rows = active[start : start + batch_size]
+            prompts = [_sampling_prompt(dialogs[i][: turn + 1], answers[i], chosen[i]) for i in rows]
+            samples = generate_batch(model, tokenizer, prompts, max_tokens=max_tokens, temperature=temperature,
+                                     top_p=top_p, seed=seed + 1000 * turn + start)  # fmt: skip
+            for i, sample in zip(rows, samples, strict=True):
+                answers[i].append(sample[0].strip() or "...")
+    return [_training_dialog(users, answers[i], chosen[i]) for i, users in enumerate(dialogs)]
+
+
+def _sampling_prompt(users: list[str], answers: list[str], instruction: str) -> list[Message]:
+    messages: list[Message] = []
+    for index, user in enumerate(users):
+        messages.append({"role": "user", "content": f"{user} {instruction}"})
+        if index < len(answers):
+            messages.append({"role": "assistant", "content": answers[index]})
+    return messages
+
+
+def _training_dialog(users: list[str], answers: list[str], instruction: str) -> list[Message]:
+    messages: list[Message] = [{"role": "system", "content": instruction}]
+    for user, answer in zip(users, answers, strict=True):
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def run_gatt_data(
+    model_path: str | os.PathLike | None,
+    dialogs_path: str | os.PathLike,
+    instructions_path: str | os.PathLike,
+    out: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    **sampling,
+) -> int:
+    """Read the files, sample, write `out` (.jsonl of {"messages"}) atomically; returns the number of dialogs."""
+    from llama2_mlx.atomic_io import write_text_atomic
+    from llama2_mlx.loading import demo_model_path, load
+
+    dialogs = read_user_turns(Path(dialogs_path))
+    instructions = read_instructions(Path(instructions_path))
+    model, tokenizer = load(model_path or demo_model_path(), adapter=adapter)
+    built = build_gatt_dialogs(model, tokenizer, dialogs, instructions, **sampling)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in built))
+    return len(built)
