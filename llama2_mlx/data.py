@@ -11,6 +11,7 @@ builds a block-diagonal causal attention mask.
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -192,15 +193,20 @@ def truncate(examples: list[Example], seq_len: int, report: DataReport) -> list[
 
 
 def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
-    """Rows of example indices whose lengths fit `seq_len`, filled back to back in the given order."""
+    """Rows of example indices whose lengths sum to at most `seq_len` (best-fit decreasing: each example, longest
+    first, goes to the fullest row it still fits in), so little of each row is left as padding."""
     rows: list[list[int]] = []
-    used = seq_len
-    for index, length in enumerate(lengths):
-        if used + length > seq_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(index)
-        used += length
+    free: list[tuple[int, int]] = []  # (free space, row number), sorted
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        slot = bisect.bisect_left(free, (lengths[index], -1))
+        if slot == len(free):
+            rows.append([index])
+            space, row = seq_len - lengths[index], len(rows) - 1
+        else:
+            space, row = free.pop(slot)
+            rows[row].append(index)
+            space -= lengths[index]
+        bisect.insort(free, (space, row))
     return rows
 
 
@@ -235,9 +241,7 @@ class Batcher:
         self.document_ids = packing and document_mask
         lengths = [len(e.ids) for e in self.examples]
         if packing:
-            order = list(range(len(self.examples)))
-            random.Random(seed).shuffle(order)
-            rows = [[order[i] for i in row] for row in pack([lengths[i] for i in order], seq_len)]
+            rows = pack(lengths, seq_len)
         else:
             rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i])]
         self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]

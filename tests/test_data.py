@@ -116,7 +116,13 @@ def example(length: int, start: int = 10) -> Example:
 
 
 def test_pack_fills_rows_with_whole_examples():
-    assert pack([3, 4, 2, 5, 1], 7) == [[0, 1], [2, 3], [4]]
+    assert pack([3, 4, 2, 5, 1], 7) == [[3, 2], [1, 0], [4]]  # best fit, longest first
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, size=200).tolist()
+    rows = pack(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(200))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert sum(lengths) / (512 * len(rows)) > 0.93  # next-fit in random order fills about 75%
 
 
 def test_unpacked_batches_sorted_by_length_and_padded():
