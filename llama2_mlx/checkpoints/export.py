@@ -2,7 +2,7 @@
 
 Our folders already use Hugging Face names and row layout, so export is a streamed copy: quantized weights are
 dequantized (transformers does not read MLX's affine packing), the config loses its "quantization" entry, and the
-tokenizer files travel along. Written atomically, like every folder.
+tokenizer files travel along. One tensor is in memory at a time; the folder is written atomically.
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from llama2_mlx.checkpoints.writer import Entry, PlannedShardWriter
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.model_folder import (
-    ShardedWriter,
-    atomic_folder,
-    copy_tokenizer,
-    read_config,
-    read_weights,
-    write_config,
-)
+from llama2_mlx.model_folder import atomic_folder, copy_tokenizer, read_config, read_weights, write_config
 
 FORMATS = ("hf",)
 
@@ -35,36 +29,51 @@ def export(
     config = read_config(folder)
     weights = read_weights(folder)  # lazy: each tensor is read when evaluated below
     quantization = config.pop("quantization", None)
-    quantized = (
-        {name.rsplit(".", 1)[0] for name in weights if name.endswith(".scales")} if quantization else set()
-    )
-    dtype = None
+    quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
+    if quantized and not quantization:
+        raise Llama2MLXError(f'{folder / "config.json"}: quantized tensors but no "quantization" entry')
+    outputs = [
+        _output(name, weights, quantized, quantization, folder)
+        for name in sorted(weights)
+        if _kept(name, quantized)
+    ]
     with atomic_folder(dst, force=force) as tmp:
-        with ShardedWriter(tmp) as writer:
-            for name in sorted(weights):
-                stem, part = name.rsplit(".", 1)
-                if stem in quantized and part != "weight":
-                    continue  # scales and biases are consumed with their weight
+        with PlannedShardWriter(tmp, [[entry] for entry in outputs]) as writer:
+            for name, _, _ in outputs:
+                stem = name.rsplit(".", 1)[0]
                 # popped, so each tensor is freed once written
-                array = (
-                    _dequantize(weights, stem, quantization, folder)
-                    if stem in quantized
-                    else weights.pop(name)
-                )
+                array = _dequantize(weights, stem, quantization) if stem in quantized else weights.pop(name)
                 mx.eval(array)
-                dtype = dtype or (array.dtype if mx.issubdtype(array.dtype, mx.floating) else None)
-                writer.add(name, array)
+                writer.write(name, array)
                 del array
-        config["torch_dtype"] = str(dtype or mx.float32).rsplit(".", 1)[-1]
+        float_dtypes = [dtype for _, _, dtype in outputs if mx.issubdtype(dtype, mx.floating)]
+        config["torch_dtype"] = str(float_dtypes[0] if float_dtypes else mx.float32).rsplit(".", 1)[-1]
         write_config(tmp, config)
         copy_tokenizer(folder, tmp)
     return Path(dst)
 
 
-def _dequantize(weights: dict[str, mx.array], stem: str, quantization: dict, folder: Path) -> mx.array:
-    """MLX affine weights back to floats in the scales' dtype; the three arrays are dropped from `weights`."""
-    for part in ("weight", "scales", "biases"):
+def _kept(name: str, quantized: set[str]) -> bool:
+    """Every tensor but the scales and biases of quantized layers, which are folded into their weight."""
+    stem, part = name.rsplit(".", 1)
+    return stem not in quantized or part == "weight"
+
+
+def _output(
+    name: str, weights: dict[str, mx.array], quantized: set[str], quantization: dict | None, folder: Path
+) -> Entry:
+    """(name, shape, dtype) of an exported tensor: a dequantized weight has `32 / bits` values per uint32 word."""
+    stem = name.rsplit(".", 1)[0]
+    if stem not in quantized:
+        return (name, tuple(weights[name].shape), weights[name].dtype)
+    for part in ("scales", "biases"):
         if f"{stem}.{part}" not in weights:
             raise Llama2MLXError(f"{folder}: quantized layer {stem} lacks {stem}.{part}")
+    rows, words = weights[name].shape
+    return (name, (rows, words * 32 // quantization["bits"]), weights[f"{stem}.scales"].dtype)
+
+
+def _dequantize(weights: dict[str, mx.array], stem: str, quantization: dict) -> mx.array:
+    """MLX affine weights back to floats in the scales' dtype; the three arrays are dropped from `weights`."""
     weight, scales, biases = (weights.pop(f"{stem}.{part}") for part in ("weight", "scales", "biases"))
     return mx.dequantize(weight, scales, biases, quantization["group_size"], quantization["bits"])
