@@ -157,6 +157,10 @@ BAD_INPUTS = {
         r"shards disagree on layers\.0\.attention\.wv\.weight: consolidated\.00\.pth has shape \(8, 64\), "
         r"consolidated\.01\.pth has \(8, 48\)",
     ),
+    "shards disagree on dtype": (
+        lambda f: _rewrite_shard(f, 1, lambda s: s.__setitem__("output.weight", s["output.weight"].half())),
+        r"shards disagree on output\.weight: consolidated\.00\.pth holds float32, consolidated\.01\.pth holds float16",
+    ),
     "replicated norm differs": (
         lambda f: _rewrite_shard(f, 1, _set("norm.weight", torch.full((64,), 3.0))),
         r"shards disagree on replicated tensor norm\.weight: consolidated\.01\.pth differs",

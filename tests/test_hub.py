@@ -82,7 +82,8 @@ def test_bin_only_repo_and_missing_repo(offline_cache, tmp_path):
     assert np.abs(_logits(tmp_path / "out") - theirs).max() <= 1e-4 * max(1.0, np.abs(theirs).max())
 
     with pytest.raises(
-        Llama2MLXError, match=r"someone/absent: not in the local Hugging Face cache and HF_HUB_OFFLINE"
+        Llama2MLXError,
+        match=r"someone/absent: no such local folder, not in the local Hugging Face cache, and HF_HUB_OFFLINE",
     ):
         convert("someone/absent", tmp_path / "absent")
     assert not (tmp_path / "absent").exists()

@@ -136,15 +136,9 @@ def _outputs(
     stem = name.rsplit(".", 1)[0]
     if f"{stem}.scales" not in quantized:
         return [(name, tensor.shape, dtype)]
-    return [
-        (f"{stem}.weight", tuple(quantized[f"{stem}.weight"].shape), mx.uint32),
-        (
-            f"{stem}.scales",
-            tuple(quantized[f"{stem}.scales"].shape),
-            dtype,
-        ),  # scales follow the weight's dtype
-        (f"{stem}.biases", tuple(quantized[f"{stem}.biases"].shape), dtype),
-    ]
+    # mx.quantize returns the packed uint32 weight, then scales and biases in the weight's dtype
+    return [(f"{stem}.{part}", tuple(quantized[f"{stem}.{part}"].shape), mx.uint32 if part == "weight" else dtype)
+            for part in ("weight", "scales", "biases")]  # fmt: skip
 
 
 def _parse_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:

@@ -69,7 +69,9 @@ def download(repo_id: str) -> Path:
             ) from None
         except LocalEntryNotFoundError:
             where = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-            raise Llama2MLXError(f"{repo_id}: not in the local Hugging Face cache and {where}") from None
+            raise Llama2MLXError(
+                f"{repo_id}: no such local folder, not in the local Hugging Face cache, and {where}"
+            ) from None
         except HfHubHTTPError as error:
             raise Llama2MLXError(f"{repo_id}: download failed ({str(error).splitlines()[0]})") from None
         if any(folder.glob(weights[0])):

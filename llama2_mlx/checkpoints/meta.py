@@ -169,6 +169,10 @@ def _merged_shape(name: str, parts: list[tuple[Path, LazyTensor]], axis: int | N
     """The full tensor's shape; the shards must agree on every axis they are not split on."""
     first_path, first = parts[0]
     for path, tensor in parts[1:]:
+        if tensor.dtype != first.dtype:
+            raise Llama2MLXError(
+                f"shards disagree on {name}: {first_path.name} holds {first.dtype}, {path.name} holds {tensor.dtype}"
+            )
         if len(tensor.shape) != len(first.shape) or any(
             a != b for i, (a, b) in enumerate(zip(tensor.shape, first.shape, strict=True)) if i != axis
         ):

@@ -4,11 +4,12 @@ A `torch.save` file is a zip archive (`<name>/data.pkl` + one stored, uncompress
 `<name>/data/<key>`). The pickle is read by an unpickler that resolves only the few globals a tensor checkpoint
 needs, so a file whose pickle would call `os.system` (or anything else) is refused before any of it runs. Tensors
 come back as `LazyTensor`s: shape, dtype and the byte range of their storage; the bytes are memory-mapped and copied
-into MLX only when `load()` is called, one tensor at a time, so reading a 13 GB checkpoint never holds it all.
+into MLX only when `load()` or `load_rows()` is called, so reading a 13 GB checkpoint never holds it all.
 """
 
 from __future__ import annotations
 
+import collections
 import pickle
 import struct
 import zipfile
@@ -51,7 +52,7 @@ class _Storage:
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor inside a checkpoint file: its metadata now, its data (memory-mapped) when `load` is called."""
+    """A tensor inside a checkpoint file (.pth, .bin or .safetensors): its metadata now, its data when loaded."""
 
     path: Path
     data_offset: int  # absolute file offset of the storage's first byte
@@ -123,17 +124,11 @@ def _rebuild_parameter(data, *_ignored):
     return data
 
 
-def _ordered_dict(*args):
-    from collections import OrderedDict
-
-    return OrderedDict(*args)
-
-
 # The only globals a tensor checkpoint needs; each maps to a harmless stand-in of ours.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): _ordered_dict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 
