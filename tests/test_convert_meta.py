@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+import llama2_mlx as L
 from llama2_mlx.checkpoints.convert import convert
 from llama2_mlx.cli import cli
 from llama2_mlx.errors import Llama2MLXError
@@ -59,7 +60,8 @@ def meta_mp2(tmp_path, gqa_reference, tokenizer_dir):
 
 
 def test_mp1_float32_matches_meta_reference(meta_mp1, mha_reference, tmp_path):
-    result = convert(meta_mp1, tmp_path / "out")
+    reports = []
+    result = L.convert(meta_mp1, tmp_path / "out", progress=lambda *report: reports.append(report))
     _assert_logits_match(tmp_path / "out", mha_reference)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (
@@ -71,6 +73,25 @@ def test_mp1_float32_matches_meta_reference(meta_mp1, mha_reference, tmp_path):
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (meta_mp1 / "tokenizer.model").read_bytes()
     assert result.dtype == "float32" and result.quantization is None
     assert result.parameters == sum(p.numel() for p in mha_reference.parameters())
+    checkpoint_bytes = 4 * result.parameters  # float32
+    assert [done for _, done, _ in reports] == sorted(done for _, done, _ in reports)
+    assert reports[-1][1:] == (checkpoint_bytes, checkpoint_bytes)
+    assert {name for name, _, _ in reports} == set(mx.load(str(tmp_path / "out" / "model.safetensors")))
+
+
+def test_interrupted_convert_leaves_destination_as_it_was(meta_mp1, tmp_path, mha_reference):
+    def interrupt(name, done, total):
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert(meta_mp1, tmp_path / "new", progress=interrupt)
+    convert(meta_mp1, tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        convert(meta_mp1, tmp_path / "old", dtype="float16", force=True, progress=interrupt)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-2-7b", "old"]  # no temporary folders left
 
 
 def test_mp2_gqa_bfloat16_stays_bfloat16_and_matches(

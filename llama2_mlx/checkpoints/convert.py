@@ -1,7 +1,7 @@
 """`convert`: a Meta folder, a Hugging Face folder or a hub id into an MLX model folder, one tensor at a time.
 
-Everything that can be checked from metadata (names, shapes, shard counts, vocab) is checked before the output folder
-is created. The output shards are then laid out, and each tensor streams through in blocks of rows: read, merged,
+Everything that can be checked from metadata (names, shapes, shard counts, vocab) is checked before any weight is
+read. The output shards are then laid out, and each tensor streams through in blocks of rows: read, merged,
 permuted, cast (and quantized), written at its place in its shard, dropped. Peak memory is a few blocks, not the
 model nor a shard. The folder is written atomically.
 """
@@ -92,13 +92,16 @@ def convert(
     start = time.perf_counter()
     target = _parse_dtype(dtype)
     quantization = _quantization(quantize, group_size)
-    checkpoint = open_checkpoint(src, verify)
-    _check_tensors(checkpoint, _model_parameters(checkpoint, None))
-    quantized = _model_parameters(checkpoint, quantization) if quantization else {}
-    plan = {name: _outputs(name, tensor, target, quantized) for name, tensor in checkpoint.tensors.items()}
-
     done = 0
-    with atomic_folder(dst, force=force) as tmp:
+    with atomic_folder(
+        dst, force=force
+    ) as tmp:  # first, so an existing DST fails before any download or md5 sum
+        checkpoint = open_checkpoint(src, verify)
+        _check_tensors(checkpoint, _model_parameters(checkpoint, None))
+        quantized = _model_parameters(checkpoint, quantization) if quantization else {}
+        plan = {
+            name: _outputs(name, tensor, target, quantized) for name, tensor in checkpoint.tensors.items()
+        }
         with PlannedShardWriter(tmp, list(plan.values()), max_shard_bytes) as writer:
             for name, tensor in checkpoint.tensors.items():
                 rows = max(1, BLOCK_BYTES * tensor.shape[0] // max(1, tensor.nbytes)) if tensor.shape else 1
