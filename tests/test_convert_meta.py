@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -118,6 +121,18 @@ def test_mp2_gqa_bfloat16_stays_bfloat16_and_matches(
     rounded = meta_reference(GQA)
     rounded.load_state_dict({k: v.float() for k, v in state.items()})
     _assert_logits_match(tmp_path / "out", rounded)
+
+
+def test_conversion_never_imports_torch(meta_mp2, tmp_path, gqa_reference):
+    """Run in a fresh interpreter where `import torch` fails: the converter must not need it."""
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from llama2_mlx.checkpoints.convert import convert\n"
+        f"convert({str(meta_mp2)!r}, {str(tmp_path / 'out')!r})\n"
+        "assert 'torch' not in {name.split('.')[0] for name, module in sys.modules.items() if module}\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1])
+    _assert_logits_match(tmp_path / "out", gqa_reference)
 
 
 def test_dtype_option_and_rope_freqs_ignored(tmp_path, gqa_reference, tokenizer_dir):
