@@ -10,6 +10,7 @@ Bytes that cannot form a character become one U+FFFD each, as sentencepiece does
 from __future__ import annotations
 
 import codecs
+import functools
 
 from llama2_mlx.tokenizer import Tokenizer
 
@@ -36,23 +37,29 @@ def _is_valid_prefix(chunk: bytes) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4)
+def _surfaces(tok: Tokenizer) -> tuple[str | int | None, ...]:
+    """Per id, computed once per tokenizer: None for control ids, the byte of a byte piece, else the text."""
+    sp = tok.sp
+    surfaces: list[str | int | None] = []
+    for token_id in range(tok.vocab_size):
+        if sp.is_control(token_id):
+            surfaces.append(None)
+        elif sp.is_byte(token_id):
+            surfaces.append(int(sp.id_to_piece(token_id)[1:-1], 16))
+        elif sp.is_unknown(token_id):
+            surfaces.append(" \u2047 ")
+        else:
+            surfaces.append(sp.id_to_piece(token_id).replace(_SPACE, " "))
+    return tuple(surfaces)
+
+
 class StreamingDetokenizer:
     """Feed token ids one at a time with `add`; each call returns the text that is final so far."""
 
     def __init__(self, tok: Tokenizer):
-        sp = tok.sp
-        # per id: None for control ids, an int for byte pieces, else the piece's text
-        self._surface: list[str | int | None] = []
-        for token_id in range(tok.vocab_size):
-            if sp.is_control(token_id):
-                self._surface.append(None)
-            elif sp.is_byte(token_id):
-                self._surface.append(int(sp.id_to_piece(token_id)[1:-1], 16))
-            elif sp.is_unknown(token_id):
-                self._surface.append(" \u2047 ")
-            else:
-                self._surface.append(sp.id_to_piece(token_id).replace(_SPACE, " "))
-        self._is_text_piece = [not sp.is_unknown(i) for i in range(tok.vocab_size)]
+        self._surface = _surfaces(tok)
+        self._unk_id = tok.sp.unk_id()
         self._pending = bytearray()
         self._started = False
 
@@ -66,7 +73,7 @@ class StreamingDetokenizer:
             self._pending.append(surface)
             return self._drain(final=False)
         text = self._drain(final=True)
-        if not self._started and self._is_text_piece[token_id] and surface.startswith(" "):
+        if not self._started and surface.startswith(" ") and token_id != self._unk_id:
             surface = surface[1:]
         self._started = True
         return text + surface
