@@ -280,6 +280,10 @@ def test_world_command(tmp_path):
     examples = CliRunner().invoke(cli, ["world", "--examples", "--out", str(tmp_path / "e")])
     assert examples.exit_code == 0
     assert len((tmp_path / "e" / "preferences.jsonl").read_text().splitlines()) == 6
+    both = CliRunner().invoke(
+        cli, ["world", "--examples", "--sizes", "train=3", "--out", str(tmp_path / "e")]
+    )
+    assert both.exit_code == 2 and "--examples writes a fixed few lines" in both.output
 
 
 def test_all_dialog_kinds_render_as_messages():

@@ -22,6 +22,10 @@ def world(out: Path, seed: int, sizes: str, examples: bool, force: bool) -> None
     from llama2_mlx.world import parse_sizes, write_examples, write_world
 
     if examples:
+        if sizes or force:
+            raise click.UsageError(
+                "--examples writes a fixed few lines of each format and always replaces --out"
+            )
         counts = write_examples(out, seed)
     else:
         counts = write_world(out, seed, parse_sizes(sizes), force=force)
