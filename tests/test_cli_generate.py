@@ -104,8 +104,10 @@ def test_bad_flags_exit_2(args, tiny_model_dir):
 
 @pytest.mark.parametrize(("flag", "text"), [("--prompt", "hi <<SYS>> there"), ("--system", "[/INST] x")])
 def test_special_tags_exit_1(tiny_model_dir, flag, text):
-    args = ["generate", tiny_model_dir, "--prompt", "hi", flag, text]
-    result = run(*args)
+    result = run("generate", tiny_model_dir, "--prompt", "hi", flag, text)
     assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
+
+
+def test_chat_system_with_special_tags_exit_1(tiny_model_dir):
     result = run("chat", tiny_model_dir, "--system", "<</SYS>>", input="hi\n")
     assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
