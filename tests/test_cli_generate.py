@@ -111,3 +111,26 @@ def test_special_tags_exit_1(tiny_model_dir, flag, text):
 def test_chat_system_with_special_tags_exit_1(tiny_model_dir):
     result = run("chat", tiny_model_dir, "--system", "<</SYS>>", input="hi\n")
     assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(tiny_model_dir, monkeypatch):
+    import llama2_mlx.chat as chat_module
+
+    real = chat_module.stream_generate
+
+    def interrupted(*args, **kwargs):
+        chunks = real(*args, **kwargs)
+        yield next(chunks)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the middle of an answer
+
+    monkeypatch.setattr(chat_module, "stream_generate", interrupted)
+    result = run("chat", tiny_model_dir, "--max-tokens", 5, input="hi\nagain\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("[stopped]") == 2
+
+
+def test_chat_reports_dropped_turns(tiny_model_dir):
+    line = "the quick brown fox jumps over the lazy dog " * 6
+    result = run("chat", tiny_model_dir, "--max-tokens", 4, "--temperature", 0, input=f"{line}\n" * 10)
+    assert result.exit_code == 0, result.output
+    assert "[context full: dropped the oldest" in result.stderr
