@@ -245,7 +245,7 @@ class Batcher:
         else:
             rows = [[i] for i in sorted(range(len(lengths)), key=lambda i: lengths[i])]
         self.batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        if len(self.batches[-1]) < world_size:  # every rank needs at least one row
+        if self.batches and len(self.batches[-1]) < world_size:  # every rank needs at least one row
             report.dropped += sum(len(row) for row in self.batches.pop())
         if not self.batches:
             raise Llama2MLXError(f"{len(self.examples)} examples are too few for {world_size} processes")

@@ -107,3 +107,42 @@ def test_sft_cli_errors_are_one_line(tmp_path, tiny_model_dir):
         cli, ["sft", "--data", str(bad), "--out", "o", "-c", str(tmp_path / "c.yaml")]
     )
     assert result.exit_code == 1 and "unknown key 'rnak'" in result.output
+
+
+def test_qlora_and_full_fine_tuning_from_the_cli(tmp_path, tokenizer_dir):
+    import mlx.nn as nn
+
+    from llama2_mlx.model_folder import load_model, save_model
+
+    quantized = random_model(tiny_args())
+    nn.quantize(quantized, group_size=32, bits=4)
+    q4 = save_model(quantized, tmp_path / "q4", tokenizer_dir=tokenizer_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", dialogs(8))
+    common = [
+        "--data",
+        str(data),
+        "--iters",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(cli, ["sft", str(q4), "--out", str(tmp_path / "qlora"), *common])
+    assert result.exit_code == 0, result.output
+    model, _ = load(q4, adapter=tmp_path / "qlora")
+    assert isinstance(model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert mx.abs(model.layers[0].self_attn.q_proj.lora_b).max().item() > 0
+    result = CliRunner().invoke(cli, ["sft", str(q4), "--out", str(tmp_path / "bad"), "--full", *common])
+    assert result.exit_code == 1 and "full fine-tuning needs a float model" in result.output
+
+    base = save_model(random_model(tiny_args()), tmp_path / "f32", tokenizer_dir=tokenizer_dir)
+    result = CliRunner().invoke(cli, ["sft", str(base), "--out", str(tmp_path / "full"), "--full", *common])
+    assert result.exit_code == 0, result.output
+    tuned, before = load_model(tmp_path / "full"), load_model(base)
+    assert (tmp_path / "full" / "tokenizer.model").is_file()
+    assert not mx.array_equal(tuned.model.embed_tokens.weight, before.model.embed_tokens.weight)
+    assert not mx.array_equal(tuned.model.norm.weight, before.model.norm.weight)
