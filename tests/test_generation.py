@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import mlx.core as mx
 import pytest
 
@@ -163,3 +165,16 @@ def test_chunked_prefill_with_padding_matches_full_forward(model, tok):
         assert mx.allclose(logits[row], expected, atol=1e-4, rtol=1e-4).item()
     single = _prefill(model, mx.array([prompts[1]]), None, model.make_cache(), chunk=5)
     assert mx.allclose(single[0], model(mx.array([prompts[1]]))[0, -1], atol=1e-4, rtol=1e-4).item()
+
+
+def test_stream_stops_at_eos(model, tok):
+    """With a token the model emits greedily at step 3 standing in for EOS, the stream ends there, EOS unprinted."""
+    free = rows(model, [tok.encode("hello world")], eos_id=-1, max_tokens=8)[0]
+    stop = free[3]
+    stopping = copy.copy(tok)
+    stopping.eos_id = stop
+    chunks = list(stream_generate(model, stopping, "hello world", max_tokens=8))
+    shown = free[: free.index(stop)]
+    assert [c.token for c in chunks] == shown + [None]
+    assert chunks[-1].finish_reason == "eos" and chunks[-1].stats.generation_tokens == len(shown) + 1
+    assert "".join(c.text for c in chunks) == tok.decode(shown)
