@@ -134,3 +134,26 @@ def test_chat_reports_dropped_turns(tiny_model_dir):
     result = run("chat", tiny_model_dir, "--max-tokens", 4, "--temperature", 0, input=f"{line}\n" * 10)
     assert result.exit_code == 0, result.output
     assert "[context full: dropped the oldest" in result.stderr
+
+
+def test_generate_with_adapter(tiny_model_dir, tmp_path, loaded):
+    import mlx.core as mx
+
+    from llama2_mlx.lora import LoRAConfig, apply_lora, lora_parameters, save_adapters, write_adapter_config
+
+    model, _ = load(tiny_model_dir)
+    config = LoRAConfig(rank=4, targets=["q", "v"])
+    apply_lora(model, config)
+    mx.random.seed(0)  # non-zero B, so that the adapter changes the answer
+    model.load_weights(
+        [(k, mx.random.normal(v.shape) * 0.5) for k, v in lora_parameters(model).items()], strict=False
+    )
+    save_adapters(model, tmp_path)
+    write_adapter_config(tmp_path, config, n_layers=2, base_model=str(tiny_model_dir))
+
+    result = run("generate", tiny_model_dir, "--prompt", "the quick", "--raw", "--temperature", 0, "--max-tokens", 10,
+                 "--adapter", tmp_path)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    adapted = generate(*load(tiny_model_dir, tmp_path), "the quick", max_tokens=10)
+    assert result.stdout == adapted + "\n"
+    assert adapted != generate(*loaded, "the quick", max_tokens=10)
