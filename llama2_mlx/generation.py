@@ -73,12 +73,10 @@ def fit_dialog(tok: Tokenizer, messages: Sequence[Message], budget: int) -> tupl
     The system message (if any) stays. Returns `(ids, dropped_pairs)`; a last turn that alone is too long is an error.
     """
     messages = list(messages)
-    start = 1 if messages and messages[0].get("role") == "system" else 0
+    ids = tok.encode_dialog(messages)  # also checks roles and tags before anything is dropped
+    start = 1 if messages[0]["role"] == "system" else 0
     dropped = 0
-    while True:
-        ids = tok.encode_dialog(messages)
-        if len(ids) <= budget:
-            return ids, dropped
+    while len(ids) > budget:
         if len(messages) - start < 3:
             raise Llama2MLXError(
                 f"the last message needs {len(ids)} prompt tokens but only {budget} fit in the context "
@@ -86,6 +84,8 @@ def fit_dialog(tok: Tokenizer, messages: Sequence[Message], budget: int) -> tupl
             )
         del messages[start : start + 2]
         dropped += 1
+        ids = tok.encode_dialog(messages)
+    return ids, dropped
 
 
 def encode_prompt(tok: Tokenizer, prompt: Prompt, max_seq_len: int, max_tokens: int) -> tuple[list[int], int]:
@@ -121,7 +121,9 @@ def generate_rows(
     or when the context (`model.args.max_seq_len`) is full.
     """
     check_sampling(temperature, top_p, top_k)
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not prompts:
+        raise Llama2MLXError("no prompts to generate from")
+    if any(len(p) == 0 for p in prompts):
         raise Llama2MLXError("every prompt needs at least one token")
     if n_samples < 1:
         raise Llama2MLXError(f"n_samples must be >= 1, got {n_samples}")
