@@ -90,20 +90,22 @@ def chat(model, system, max_tokens, temperature, top_p, top_k, seed, adapter, ve
 
     net, tok = _load(model, adapter)
     session = ChatSession(net, tok, system, max_tokens, temperature, top_p, top_k, seed)
-    interactive = sys.stdin.isatty()
-    if interactive:
+    prompt = ""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+
+        prompt = ">>> "
         click.echo(CHAT_HELP, err=True)
     while True:
         try:
-            if interactive:
-                click.echo(">>> ", nl=False)
-            line = sys.stdin.readline()
+            text = input(prompt).strip()
         except KeyboardInterrupt:
             click.echo()
             continue
-        if not line:  # end of input
+        except EOFError:  # end of input (Ctrl-D)
+            if prompt:
+                click.echo()
             return
-        text = line.strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):
