@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.sampling import check_sampling, nucleus, sample
+from llama2_mlx.sampling import CANDIDATES, _sorted_nucleus, check_sampling, nucleus, sample
 
 PROBS = [0.1, 0.4, 0.2, 0.3]
 
@@ -73,3 +73,27 @@ def test_top_k_one_is_greedy():
 def test_bad_settings(t, p, k, word):
     with pytest.raises(Llama2MLXError, match=word):
         check_sampling(t, p, k)
+
+
+def _as_dict(kept: mx.array, order: mx.array) -> list[dict[int, float]]:
+    return [{int(t): float(p) for t, p in zip(ids, probs, strict=True) if p > 0}
+            for ids, probs in zip(np.array(order), np.array(kept), strict=True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("scale", "top_p", "top_k", "fast"),
+    [(6.0, 0.9, 0, True), (0.5, 0.9, 0, False), (0.5, 0.9, 40, True), (6.0, 0.999, 0, True)],
+)
+def test_candidate_shortcut_is_exact(scale, top_p, top_k, fast):
+    """Sorting only the top CANDIDATES (when they hold more than top_p) keeps exactly what a full sort keeps."""
+    probs = mx.softmax(mx.random.normal((3, 5000), key=mx.random.key(2)) * scale, axis=-1)
+    top_mass = mx.sort(probs, axis=-1)[:, -CANDIDATES:].sum(axis=-1)
+    if top_k == 0:  # the shortcut applies exactly when the candidates hold more than top_p
+        assert bool(mx.all(top_mass > top_p).item()) == fast
+    kept, order = nucleus(probs, top_p, top_k)
+    assert (kept.shape[-1] < 5000) == fast
+    expected = _as_dict(*_sorted_nucleus(probs, top_p, top_k))
+    got = _as_dict(kept, order)
+    assert [set(row) for row in got] == [set(row) for row in expected]
+    for row_got, row_expected in zip(got, expected, strict=True):
+        np.testing.assert_allclose([row_got[t] for t in row_expected], list(row_expected.values()), rtol=1e-5)
