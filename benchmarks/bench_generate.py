@@ -11,7 +11,9 @@ times, alternating rounds of the two libraries after a warm-up each:
   token (best round), decode tokens/s = 1 / the median interval between consecutive tokens over all rounds;
 * K answers of one prompt sampled in one batch (`generate_batch_ids`, n_samples=K) vs K sequential generations,
   at temperature 0.8 with top-p off (plain temperature sampling, as Llama 2's rejection sampling) and top-p 0.95
-  (whose exact nucleus needs a full sort of the vocabulary per row and step: a cost batching cannot share).
+  (whose exact nucleus needs a full sort of the vocabulary per row and step when the distribution is flat, as a
+  random-weight model's is: a cost batching cannot share);
+* the cost of one top-p nucleus on flat and on peaked logits, ours vs a full sort.
 
 On a machine shared with other work, bursts of load hit single rounds and single tokens: the best round and the
 median token interval of interleaved rounds are the steadiest estimates of what each library can do.
@@ -41,6 +43,7 @@ from llama2_mlx.generation import generate_batch_ids, stream_generate  # noqa: E
 from llama2_mlx.loading import load  # noqa: E402
 from llama2_mlx.model import Llama  # noqa: E402
 from llama2_mlx.model_folder import save_model  # noqa: E402
+from llama2_mlx.sampling import CANDIDATES, _sorted_nucleus, nucleus  # noqa: E402
 from llama2_mlx.tokenizer_training import train_tokenizer  # noqa: E402
 
 
@@ -134,6 +137,32 @@ def batched_vs_sequential(
     sequential_seconds = time.perf_counter() - start
     return {"batched_tps": batched_tokens / batched_seconds, "sequential_tps": sequential_tokens / sequential_seconds,
             "batched_tokens": batched_tokens, "sequential_tokens": sequential_tokens}  # fmt: skip
+
+
+def sampler_costs(vocab: int) -> list[tuple[int, str, float, float, float]]:
+    """ms per call of the top-p 0.9 nucleus at T 0.8: ours (candidate shortcut) vs sorting the whole vocabulary.
+
+    "flat" logits are like a random-weight model's; "peaked" (4x wider logits) put nearly all mass in the top
+    1024 tokens, as a trained model's do.
+    """
+
+    def ms(fn, n: int = 20) -> float:
+        mx.eval(fn())
+        start = time.perf_counter()
+        for _ in range(n):
+            mx.eval(fn())
+        return (time.perf_counter() - start) / n * 1e3
+
+    rows = []
+    for batch in (1, 8):
+        for name, width in (("flat", 1.0), ("peaked", 4.0)):
+            logits = mx.random.normal((batch, vocab), key=mx.random.key(0)) * width
+            probs = mx.softmax(logits / 0.8, axis=-1)
+            mass = mx.sort(probs, axis=-1)[:, -CANDIDATES:].sum(axis=-1).min().item()
+            ours = ms(lambda probs=probs: nucleus(probs, 0.9))
+            full = ms(lambda probs=probs: _sorted_nucleus(probs, 0.9, 0))
+            rows.append((batch, name, mass, ours, full))
+    return rows
 
 
 def main() -> None:
