@@ -334,17 +334,26 @@ class ProgressBar(Callback):
         self.last = ""
 
     def on_report(self, record: dict[str, Any]) -> None:
-        if "val_loss" in record:
-            self.stream.write(f"\rstep {record['step']}/{self.total}  val_loss {record['val_loss']:.4f}\n")
+        if "val_loss" in record:  # a line of its own, below the current progress line
+            self.stream.write(
+                ("\n" if self.last else "")
+                + f"step {record['step']}/{self.total}  val_loss {record['val_loss']:.4f}\n"
+            )
+            self.last = ""
         else:
             done = int(20 * record["step"] / self.total)
-            self.stream.write(
-                f"\r[{'#' * done}{'.' * (20 - done)}] step {record['step']}/{self.total}  loss {record['loss']:.4f}"
+            line = (
+                f"[{'#' * done}{'.' * (20 - done)}] step {record['step']}/{self.total}  loss {record['loss']:.4f}"
                 f"  lr {record['lr']:.2e}  {record['tokens_per_sec']:.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB"
             )
-            if record["step"] == self.total:
-                self.stream.write("\n")
+            self.stream.write("\r" + line.ljust(len(self.last)))
+            self.last = line
         self.stream.flush()
+
+    def on_checkpoint(self, step: int, folder: Path) -> None:
+        if step == self.total and self.last:
+            self.stream.write("\n")
+            self.last = ""
 
 
 class MetricsFile(Callback):

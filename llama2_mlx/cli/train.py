@@ -17,7 +17,7 @@ def _finish(result, out: Path, what: str) -> None:
         click.echo(f"interrupted at step {result.step}; checkpoint saved in {result.checkpoint}. "
                    f"Continue with the same command plus --resume.", err=True)  # fmt: skip
         raise SystemExit(130)
-    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
+    losses = f"last step's loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
     if result.val_loss is not None:
         losses += f", validation loss {result.val_loss:.4f}"
     click.echo(f"done: {result.step} steps, {losses}; {what} in {out}")
