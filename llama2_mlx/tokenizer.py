@@ -54,8 +54,8 @@ class Tokenizer:
         turns = _turns(messages, last="user")
         ids: list[int] = []
         for user, answer in zip(turns[::2], turns[1::2], strict=False):
-            ids += self.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", bos=True, eos=True)
-        return ids + self.encode(f"{B_INST} {turns[-1].strip()} {E_INST}", bos=True, eos=False)
+            ids += self.encode(_finished_turn(user, answer), bos=True, eos=True)
+        return ids + self.encode(_open_turn(turns[-1]), bos=True, eos=False)
 
     def encode_dialog_with_mask(
         self, messages: Sequence[Message], train_on: str = "all"
@@ -73,8 +73,8 @@ class Tokenizer:
         ids: list[int] = []
         mask: list[bool] = []
         for index, (user, answer) in enumerate(zip(turns[::2], turns[1::2], strict=True)):
-            pair = self.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ", bos=True, eos=True)
-            prompt = self.encode(f"{B_INST} {user.strip()} {E_INST}", bos=True, eos=False)
+            pair = self.encode(_finished_turn(user, answer), bos=True, eos=True)
+            prompt = self.encode(_open_turn(user), bos=True, eos=False)
             if pair[: len(prompt)] != prompt:
                 message = _message_index(messages, 2 * index + 1)
                 raise Llama2MLXError(
@@ -85,6 +85,14 @@ class Tokenizer:
             ids += pair
             mask += [False] * len(prompt) + [trained] * (len(pair) - len(prompt))
         return ids, mask
+
+
+def _finished_turn(user: str, answer: str) -> str:
+    return f"{B_INST} {user.strip()} {E_INST} {answer.strip()} "
+
+
+def _open_turn(user: str) -> str:
+    return f"{B_INST} {user.strip()} {E_INST}"
 
 
 def check_no_special_tags(text: str) -> None:
