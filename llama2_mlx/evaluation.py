@@ -12,13 +12,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.tokenizer import SPECIAL_TAGS, Message
 from llama2_mlx.world.formats import heldout_record
 from llama2_mlx.world.skills import check_answer
 from llama2_mlx.world.styles import get_style
+
+if TYPE_CHECKING:
+    from llama2_mlx.model import Llama
+    from llama2_mlx.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def score(items: Sequence[HeldOut], answers: Sequence[Sequence[str]]) -> EvalRep
 
 
 def answer_heldout(
-    model, tok, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
+    model: Llama, tok: Tokenizer, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
 ) -> list[list[str]]:
     """Greedy answers to every turn of every item, each turn seeing the model's own earlier answers."""
     from llama2_mlx.generation import generate_batch
@@ -160,7 +164,9 @@ def answer_heldout(
     return answers
 
 
-def evaluate(model, tok, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64) -> EvalReport:
+def evaluate(
+    model: Llama, tok: Tokenizer, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
+) -> EvalReport:
     """Answer the held-out dialogs and score the answers."""
     return score(items, answer_heldout(model, tok, items, max_tokens, batch_size))
 
