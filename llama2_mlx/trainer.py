@@ -161,7 +161,7 @@ def train(
             tic = time.perf_counter()
             tokens = 0
             if config.grad_accum == 1:
-                batch = _next(data)
+                batch = next(data, None)
                 if batch is None:
                     break
                 loss, weight = step_fn(batch.inputs)
@@ -169,7 +169,7 @@ def train(
             else:
                 accumulated = None
                 for _ in range(config.grad_accum):
-                    batch = _next(data)
+                    batch = next(data, None)
                     if batch is None:
                         break
                     accumulated = accumulate_fn(batch.inputs, accumulated)
@@ -209,10 +209,6 @@ def train(
     if result.step < config.iters and result.status == "finished":
         save(result.step)  # the data ran out before `iters`: keep what was trained
     return result
-
-
-def _next(data: Iterator[Batch]) -> Batch | None:
-    return next(data, None)
 
 
 def _compile_steps(
