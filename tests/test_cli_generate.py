@@ -105,12 +105,12 @@ def test_bad_flags_exit_2(args, tiny_model_dir):
 @pytest.mark.parametrize(("flag", "text"), [("--prompt", "hi <<SYS>> there"), ("--system", "[/INST] x")])
 def test_special_tags_exit_1(tiny_model_dir, flag, text):
     result = run("generate", tiny_model_dir, "--prompt", "hi", flag, text)
-    assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
+    assert result.exit_code == 1 and result.stderr == f"{UNSAFE}\n"
 
 
 def test_chat_system_with_special_tags_exit_1(tiny_model_dir):
     result = run("chat", tiny_model_dir, "--system", "<</SYS>>", input="hi\n")
-    assert result.exit_code == 1 and result.stderr == f"error: {UNSAFE}\n"
+    assert result.exit_code == 1 and result.stderr == f"{UNSAFE}\n"
 
 
 def test_chat_ctrl_c_stops_the_answer_not_the_program(tiny_model_dir, monkeypatch):
@@ -157,3 +157,14 @@ def test_generate_with_adapter(tiny_model_dir, tmp_path, loaded):
     adapted = generate(*load(tiny_model_dir, tmp_path), "the quick", max_tokens=10)
     assert result.stdout == adapted + "\n"
     assert adapted != generate(*loaded, "the quick", max_tokens=10)
+
+
+def test_generate_dtype_override(tiny_model_dir):
+    import mlx.core as mx
+
+    result = run("generate", tiny_model_dir, "--prompt", "the quick", "--raw", "--temperature", 0, "--max-tokens",
+                 8, "--dtype", "bfloat16")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, tok = load(tiny_model_dir, dtype=mx.bfloat16)
+    assert result.stdout == generate(model, tok, "the quick", max_tokens=8) + "\n"
+    assert run("generate", tiny_model_dir, "--prompt", "x", "--dtype", "float8").exit_code == 2

@@ -23,7 +23,8 @@ class _Group(click.Group):
         except Llama2MLXError as error:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {error}", err=True)
+            message = str(error)  # some messages are quoted verbatim and already begin with "Error:"
+            click.echo(message if message.startswith("Error:") else f"error: {message}", err=True)
             ctx.exit(1)
 
 

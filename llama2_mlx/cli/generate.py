@@ -27,6 +27,8 @@ def _sampling_options(command: Callable) -> Callable:
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (repeatable runs)."),
         click.option("--adapter", type=click.Path(path_type=Path), default=None,
                      help="LoRA adapter folder to apply on top of the model."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                     help="Compute dtype (default: float32 on the CPU, the checkpoint's on a GPU)."),
         click.option("--verbose", is_flag=True, help="Print prompt/generation tokens per second and peak memory."),
     ]  # fmt: skip
     for option in reversed(options):
@@ -34,14 +36,15 @@ def _sampling_options(command: Callable) -> Callable:
     return command
 
 
-def _load(model: Path | None, adapter: Path | None):
+def _load(model: Path | None, adapter: Path | None, dtype: str | None):
     from llama2_mlx.loading import demo_model_path, load
+    from llama2_mlx.model_folder import parse_dtype
 
     if model is None:
         model = demo_model_path()
         if not model.is_dir():
             raise Llama2MLXError(f"{model}: the demo model is missing; pass a MODEL folder")
-    return load(model, adapter)
+    return load(model, adapter, dtype=parse_dtype(dtype))
 
 
 def _stream(chunks: Iterator, verbose: bool) -> None:
@@ -63,7 +66,7 @@ def _stream(chunks: Iterator, verbose: bool) -> None:
 @click.option("--system", default=None, help="System prompt (chat format).")
 @click.option("--raw", is_flag=True, help="Continue the text as is (BOS + text), without the chat format.")
 @_sampling_options
-def generate(model, prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, adapter, verbose):
+def generate(model, prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose):
     """Answer one prompt with MODEL (default: the shipped demo model), streaming the text."""
     from llama2_mlx.generation import stream_generate
 
@@ -72,7 +75,7 @@ def generate(model, prompt, system, raw, max_tokens, temperature, top_p, top_k, 
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}
     ]
-    net, tok = _load(model, adapter)
+    net, tok = _load(model, adapter, dtype)
     chunks = stream_generate(
         net, tok, prompt if raw else messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, seed=seed,
@@ -84,11 +87,11 @@ def generate(model, prompt, system, raw, max_tokens, temperature, top_p, top_k, 
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--system", default=None, help="System prompt for the conversation.")
 @_sampling_options
-def chat(model, system, max_tokens, temperature, top_p, top_k, seed, adapter, verbose):
+def chat(model, system, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose):
     """Chat with MODEL (default: the shipped demo model). Ctrl-C stops an answer; Ctrl-D or /exit quits."""
     from llama2_mlx.chat import ChatSession
 
-    net, tok = _load(model, adapter)
+    net, tok = _load(model, adapter, dtype)
     session = ChatSession(net, tok, system, max_tokens, temperature, top_p, top_k, seed)
     prompt = ""
     if sys.stdin.isatty():
