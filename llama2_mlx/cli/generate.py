@@ -66,7 +66,9 @@ def _stream(chunks: Iterator, verbose: bool) -> None:
 @click.option("--system", default=None, help="System prompt (chat format).")
 @click.option("--raw", is_flag=True, help="Continue the text as is (BOS + text), without the chat format.")
 @_sampling_options
-def generate(model, prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose):
+def generate(
+    model, prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose
+):
     """Answer one prompt with MODEL (default: the shipped demo model), streaming the text."""
     from llama2_mlx.generation import stream_generate
 
