@@ -262,10 +262,13 @@ class Batcher:
                 yield self.make_batch(self.batches[index])
             epoch, offset = epoch + 1, 0
 
-    def once(self) -> Iterator[Batch]:
-        """Every batch once, in order (validation)."""
-        for rows in self.batches:
-            yield self.make_batch(rows)
+    def once(self, limit: int = 0) -> Iterator[Batch]:
+        """Every batch once, in order (validation); with `limit`, that many spread evenly over the lengths."""
+        chosen = range(len(self.batches))
+        if 0 < limit < len(self.batches):
+            chosen = sorted({round(i * (len(self.batches) - 1) / max(limit - 1, 1)) for i in range(limit)})
+        for index in chosen:
+            yield self.make_batch(self.batches[index])
 
     def make_batch(self, rows: list[list[int]]) -> Batch:
         import mlx.core as mx

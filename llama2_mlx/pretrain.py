@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from llama2_mlx.errors import Llama2MLXError
@@ -52,6 +54,9 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and the valid split."})
     save_every: int = field(default=500, metadata={"help": "Checkpoint (and model folder) every N steps."})
     eval_every: int = field(default=200, metadata={"help": "Validation loss every N steps (and at the end)."})
+    val_batches: int = field(
+        default=0, metadata={"help": "Validation batches per evaluation (0: all of them)."}
+    )
     report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --out."})
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
@@ -122,9 +127,13 @@ def init_weights(model, std: float) -> None:
     model.update(tree_unflatten(weights))
 
 
-def run_pretrain(config: PretrainConfig):
-    """Train a new model from random weights on a text corpus; returns the TrainResult."""
+def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None = None):
+    """Train a new model from random weights on a text corpus; returns the TrainResult.
+
+    `announce` receives one line describing the model, the data and the run before training starts.
+    """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from llama2_mlx.atomic_io import write_model_files, write_text_atomic
     from llama2_mlx.data import Batcher
@@ -161,9 +170,15 @@ def run_pretrain(config: PretrainConfig):
     micro_batch = config.batch_size // config.grad_accum
     batching = dict(seq_len=config.seq_len, seed=config.seed, rank=world.rank(), world_size=world.size())
     batches = Batcher(rows, micro_batch, **batching)
-    val_batches = Batcher(valid_rows, micro_batch, **batching).once if valid_rows else None
+    val_batches = (
+        partial(Batcher(valid_rows, micro_batch, **batching).once, config.val_batches) if valid_rows else None
+    )
 
     train_config = TrainConfig.from_job(config, len(batches))
+    if announce is not None:
+        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
+                 f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
     warmup = config.warmup if config.warmup is not None else min(PAPER_WARMUP, train_config.iters // 10)
     optimizer = make_optimizer(OptimizerConfig.from_job(config, warmup=warmup), train_config.iters)
     out = Path(config.out)

@@ -8,7 +8,9 @@ and `fuse`) or a full model folder (`full`), plus metrics.jsonl, sft_config.json
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from llama2_mlx.errors import Llama2MLXError
@@ -52,6 +54,9 @@ class SFTConfig:
     )
     save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps (and at the end)."})
     eval_every: int = field(default=200, metadata={"help": "Validation loss every N steps (and at the end)."})
+    val_batches: int = field(
+        default=0, metadata={"help": "Validation batches per evaluation (0: all of them)."}
+    )
     report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
     valid_fraction: float = field(
         default=0.0, metadata={"help": "Hold out this fraction when there is no valid.jsonl."}
@@ -88,8 +93,11 @@ class SFTConfig:
             raise Llama2MLXError("seq_len must be at least 2")
 
 
-def run_sft(config: SFTConfig):
-    """Fine-tune `config.model` on `config.data`; returns (TrainResult, DataReport)."""
+def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
+    """Fine-tune `config.model` on `config.data`; returns (TrainResult, DataReport).
+
+    `announce` receives one line describing the data and the run before training starts (the CLI prints it).
+    """
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -119,7 +127,9 @@ def run_sft(config: SFTConfig):
         )
     micro_batch = config.batch_size // config.grad_accum
     batches = Batcher(train_examples, micro_batch, **batching)
-    val_batches = Batcher(valid_examples, micro_batch, **batching).once if valid_examples else None
+    val_batches = None
+    if valid_examples:
+        val_batches = partial(Batcher(valid_examples, micro_batch, **batching).once, config.val_batches)
 
     lora = None
     if config.full:
@@ -148,6 +158,11 @@ def run_sft(config: SFTConfig):
             write_adapter_config(out, lora, len(model.layers), str(model_path))
 
     train_config = TrainConfig.from_job(config, len(batches))
+    if announce is not None:
+        announce(
+            f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for validation;"
+            f" {len(batches)} batches per epoch, {train_config.iters} steps"
+        )
     optimizer = make_optimizer(OptimizerConfig.from_job(config), train_config.iters)
     callbacks = [SaveAdapters()] if lora is not None else []
     result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)

@@ -136,6 +136,17 @@ def test_unpacked_batches_sorted_by_length_and_padded():
     assert batches[1].inputs[0].shape == (2, 64)  # 33 and 40, padded to a multiple of 32
 
 
+def test_validation_subset_spreads_over_lengths():
+    batcher = Batcher([example(n) for n in range(4, 44)], batch_size=4, seq_len=64)
+    widths = [b.inputs[0].shape[1] for b in batcher.once(limit=3)]
+    assert len(list(batcher.once())) == 10 and widths == [32, 32, 64]
+    assert [b.tokens for b in batcher.once(limit=3)] == [
+        4 + 5 + 6 + 7,
+        20 + 21 + 22 + 23,
+        40 + 41 + 42 + 43,
+    ]  # batches 0, 4, 9
+
+
 def test_truncation_is_counted():
     report = DataReport()
     batcher = Batcher([example(50), example(10)], batch_size=2, seq_len=32, report=report)

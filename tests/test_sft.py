@@ -75,6 +75,9 @@ def test_sft_cli_lowers_validation_loss_and_writes_an_adapter(tmp_path, tiny_mod
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "done: 24 steps" in result.output
+    assert (
+        "data: 40 examples; 32 for training, 8 for validation; 4 batches per epoch, 24 steps" in result.output
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert [r["step"] for r in records if "val_loss" in r] == [0, 12, 24]

@@ -11,6 +11,10 @@ from llama2_mlx.pretrain import PretrainConfig
 from llama2_mlx.sft import SFTConfig
 
 
+def _announce(line: str) -> None:
+    click.echo(line, err=True)
+
+
 def _finish(result, out: Path, what: str) -> None:
     """The last lines of a training command: where things are, or how to resume after Ctrl-C."""
     if result.status == "interrupted":
@@ -37,8 +41,7 @@ def sft(ctx: click.Context, model: str | None, config_file: Path | None, **_: ob
     from llama2_mlx.sft import run_sft
 
     config = build_config(SFTConfig, ctx, config_file, extra={"model": model})
-    result, report = run_sft(config)
-    click.echo(f"data: {report.summary()}", err=True)
+    result, _ = run_sft(config, announce=_announce)
     _finish(result, Path(config.out), "the model folder" if config.full else "the adapter")
 
 
@@ -71,7 +74,7 @@ def pretrain(ctx: click.Context, config_file: Path | None, **_: object) -> None:
     from llama2_mlx.pretrain import run_pretrain
 
     config = build_config(PretrainConfig, ctx, config_file)
-    _finish(run_pretrain(config), Path(config.out), "the model folder")
+    _finish(run_pretrain(config, announce=_announce), Path(config.out), "the model folder")
 
 
 @click.command("plot")
