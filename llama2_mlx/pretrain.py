@@ -175,7 +175,7 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     )
 
     train_config = TrainConfig.from_job(config, len(batches))
-    if announce is not None:
+    if announce is not None and world.rank() == 0:
         n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
         announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
                  f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip

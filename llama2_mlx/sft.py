@@ -158,7 +158,7 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
             write_adapter_config(out, lora, len(model.layers), str(model_path))
 
     train_config = TrainConfig.from_job(config, len(batches))
-    if announce is not None:
+    if announce is not None and world.rank() == 0:
         announce(
             f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for validation;"
             f" {len(batches)} batches per epoch, {train_config.iters} steps"

@@ -16,7 +16,11 @@ def _announce(line: str) -> None:
 
 
 def _finish(result, out: Path, what: str) -> None:
-    """The last lines of a training command: where things are, or how to resume after Ctrl-C."""
+    """The last lines of a training command (rank 0 only): where things are, or how to resume after Ctrl-C."""
+    import mlx.core as mx
+
+    if mx.distributed.init().rank() != 0:
+        raise SystemExit(130 if result.status == "interrupted" else 0)
     if result.status == "interrupted":
         click.echo(f"interrupted at step {result.step}; checkpoint saved in {result.checkpoint}. "
                    f"Continue with the same command plus --resume.", err=True)  # fmt: skip
