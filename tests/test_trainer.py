@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.lora import LoRAConfig, apply_lora
 from llama2_mlx.losses import document_mask, next_token_loss
 from llama2_mlx.optim import OptimizerConfig, make_optimizer, warmup_cosine
 from llama2_mlx.trainer import Batch, Callback, TrainConfig, train
@@ -122,11 +123,20 @@ def test_grad_accumulation_equals_big_batch():
     assert list(whole.losses.values()) == pytest.approx(list(accumulated.losses.values()), rel=1e-5)
 
 
-def test_gradient_checkpointing_same_losses():
-    _, plain = run(random_model(tiny_args()), random_batches(2))
-    model = random_model(tiny_args())
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_same_losses(lora):
+    def model_():
+        model = random_model(tiny_args())
+        if lora:
+            mx.random.seed(1)
+            apply_lora(model, LoRAConfig(rank=4, targets=["q", "v", "up"]))
+        return model
+
+    _, plain = run(model_(), random_batches(2))
+    model = model_()
     _, checkpointed = run(model, random_batches(2), grad_checkpoint=True)
     assert list(plain.losses.values()) == pytest.approx(list(checkpointed.losses.values()), rel=1e-5)
+    assert plain.losses[4] != pytest.approx(plain.losses[1], rel=1e-3)  # the weights did move
     assert type(model.layers[0]).__name__ == "TransformerBlock"  # restored after training
 
 
