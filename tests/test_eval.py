@@ -134,6 +134,8 @@ def test_eval_command_errors(tmp_path, tiny_model_dir):
     )
     assert missing.exit_code == 1
     assert missing.output == f"error: {tmp_path / 'none.jsonl'}: held-out prompts file not found\n"
+    both = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--prompts", "x.jsonl", "--seed", "1"])
+    assert both.exit_code == 2 and "--seed chooses the world's own held-out set" in both.output
 
 
 def test_default_prompts_are_the_worlds_heldout_set():

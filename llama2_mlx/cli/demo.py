@@ -56,7 +56,7 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
     default=None,
     help="Held-out prompts jsonl (`world` writes heldout.jsonl); default: the world's own held-out set.",
 )
-@click.option("--seed", default=0, show_default=True, help="World seed of the default held-out set.")
+@click.option("--seed", type=int, default=None, help="World seed of the default held-out set (default 0).")
 @click.option(
     "--max-tokens", type=click.IntRange(min=1), default=48, show_default=True, help="Most tokens per answer."
 )
@@ -77,7 +77,7 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
     default=None,
     help="Also write the scores to this JSON file.",
 )
-def eval_command(model: Path | None, prompts: Path | None, seed: int, max_tokens: int, batch_size: int,
+def eval_command(model: Path | None, prompts: Path | None, seed: int | None, max_tokens: int, batch_size: int,
                  adapter: Path | None, json_out: Path | None) -> None:  # fmt: skip
     """Score MODEL (default: the demo model) on held-out world prompts with greedy decoding.
 
@@ -90,8 +90,10 @@ def eval_command(model: Path | None, prompts: Path | None, seed: int, max_tokens
     from llama2_mlx.evaluation import evaluate, format_report, read_heldout, world_heldout
     from llama2_mlx.loading import demo_model_path, load
 
+    if prompts is not None and seed is not None:
+        raise click.UsageError("--seed chooses the world's own held-out set; it cannot apply to --prompts")
+    items = read_heldout(prompts) if prompts is not None else world_heldout(seed or 0)
     loaded, tok = load(model or demo_model_path(), adapter)
-    items = read_heldout(prompts) if prompts is not None else world_heldout(seed)
     report = evaluate(loaded, tok, items, max_tokens=max_tokens, batch_size=batch_size)
     click.echo(format_report(report))
     if json_out is not None:
