@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, time_call  # noqa: E402
+from benchmarks.common import machine, time_pair  # noqa: E402
 from llama2_mlx.config import ModelArgs, ffn_hidden_dim  # noqa: E402
 from llama2_mlx.model import Llama  # noqa: E402
 
@@ -59,13 +59,9 @@ def main() -> None:
         return step
 
     results = {
-        "forward (prompt)": (
-            time_call(lambda: ours(prompt)),
-            time_call(lambda: theirs(prompt)),
-        ),
-        "decode step": (
-            time_call(decode_step(ours, ours.make_cache()), repeats=30),
-            time_call(decode_step(theirs, make_prompt_cache(theirs)), repeats=30),
+        "forward (prompt)": time_pair(lambda: ours(prompt), lambda: theirs(prompt)),
+        "decode step": time_pair(
+            decode_step(ours, ours.make_cache()), decode_step(theirs, make_prompt_cache(theirs)), repeats=20
         ),
     }
     params = sum(v.size for _, v in tree_flatten(ours.parameters()))

@@ -23,6 +23,17 @@ def time_call(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> f
     return statistics.median(samples)
 
 
+def time_pair(
+    ours: Callable[[], object], theirs: Callable[[], object], rounds: int = 5, repeats: int = 5
+) -> tuple[float, float]:
+    """Median seconds of each side, measured in alternating rounds so that drifting machine load hits both alike."""
+    ours_samples, theirs_samples = [], []
+    for _ in range(rounds):
+        ours_samples.append(time_call(ours, repeats=repeats, warmup=1))
+        theirs_samples.append(time_call(theirs, repeats=repeats, warmup=1))
+    return statistics.median(ours_samples), statistics.median(theirs_samples)
+
+
 def machine() -> str:
     blas = "OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else "default BLAS"
     return (

@@ -131,7 +131,7 @@ class Llama(nn.Module):
             logits = self.model.embed_tokens.as_linear(h)
         else:
             logits = self.lm_head(h)
-        return logits.astype(mx.float32)
+        return logits if logits.dtype == mx.float32 else logits.astype(mx.float32)
 
     @property
     def layers(self) -> list[TransformerBlock]:
