@@ -38,7 +38,9 @@ def main() -> None:
                      vocab_size=opts.vocab, hidden_dim=ffn_hidden_dim(opts.dim, 256))  # fmt: skip
     mx.random.seed(0)
     ours = Llama(args)
-    theirs = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict({"model_type": "llama", **args.to_hf_config()}))
+    theirs = mlx_lm_llama.Model(
+        mlx_lm_llama.ModelArgs.from_dict({"model_type": "llama", **args.to_hf_config()})
+    )
     theirs.load_weights(tree_flatten(ours.parameters()))
     mx.eval(ours.parameters(), theirs.parameters())
 
@@ -66,8 +68,10 @@ def main() -> None:
     }
     params = sum(v.size for _, v in tree_flatten(ours.parameters()))
     print(f"machine: {machine()}")
-    print(f"model: dim {opts.dim}, {opts.layers} layers, {opts.heads} heads / {opts.kv_heads} KV heads, "
-          f"vocab {opts.vocab} ({params / 1e6:.0f}M params, float32); batch {opts.batch}, prompt {opts.prompt}")
+    print(
+        f"model: dim {opts.dim}, {opts.layers} layers, {opts.heads} heads / {opts.kv_heads} KV heads, "
+        f"vocab {opts.vocab} ({params / 1e6:.0f}M params, float32); batch {opts.batch}, prompt {opts.prompt}"
+    )
     print(f"{'':18} {'ours ms':>9} {'mlx-lm ms':>10} {'mlx-lm/ours':>12}")
     for name, (t_ours, t_theirs) in results.items():
         print(f"{name:18} {t_ours * 1e3:9.2f} {t_theirs * 1e3:10.2f} {t_theirs / t_ours:12.2f}")

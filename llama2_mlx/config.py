@@ -45,7 +45,9 @@ class ModelArgs:
         if self.dim % self.n_heads:
             raise Llama2MLXError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise Llama2MLXError(f"config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+            raise Llama2MLXError(
+                f"config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
+            )
         if self.head_dim % 2:
             raise Llama2MLXError(f"config: head_dim {self.head_dim} (dim / n_heads) must be even for RoPE")
         if not self.norm_eps > 0:
@@ -64,10 +66,14 @@ class ModelArgs:
         file_vocab = params.get("vocab_size", -1)
         if file_vocab is None or file_vocab <= 0:
             if vocab_size is None:
-                raise Llama2MLXError(f"{source}: vocab_size is {file_vocab!r}; it must come from the weights or tokenizer")
+                raise Llama2MLXError(
+                    f"{source}: vocab_size is {file_vocab!r}; it must come from the weights or tokenizer"
+                )
             file_vocab = vocab_size
         elif vocab_size is not None and vocab_size != file_vocab:
-            raise Llama2MLXError(f"{source}: vocab_size {file_vocab} disagrees with the weights/tokenizer ({vocab_size})")
+            raise Llama2MLXError(
+                f"{source}: vocab_size {file_vocab} disagrees with the weights/tokenizer ({vocab_size})"
+            )
         dim = params["dim"]
         return cls(
             dim=dim,
@@ -96,7 +102,9 @@ class ModelArgs:
         head_dim = config.get("head_dim")
         if head_dim is not None and head_dim * config["num_attention_heads"] != config["hidden_size"]:
             raise Llama2MLXError(f"{source}: head_dim {head_dim} x num_attention_heads != hidden_size")
-        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
+            "rope_theta", 10000.0
+        )
         return cls(
             dim=config["hidden_size"],
             n_layers=config["num_hidden_layers"],
@@ -163,12 +171,16 @@ def llama_2_70b() -> ModelArgs:
 
 def tiny() -> ModelArgs:
     """Multi-head attention, small enough for unit tests."""
-    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, hidden_dim=176, max_seq_len=256)
+    return ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, hidden_dim=176, max_seq_len=256
+    )
 
 
 def tiny_gqa() -> ModelArgs:
     """Grouped-query attention (8 query heads sharing 2 KV heads), small enough for unit tests."""
-    return ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, hidden_dim=176, max_seq_len=256)
+    return ModelArgs(
+        dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, hidden_dim=176, max_seq_len=256
+    )
 
 
 PRESETS: dict[str, Callable[[], ModelArgs]] = {

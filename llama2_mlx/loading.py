@@ -12,9 +12,7 @@ from llama2_mlx.model import Llama
 from llama2_mlx.model_folder import load_model
 
 
-def load(
-    path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype: mx.Dtype | None = None
-):
+def load(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype: mx.Dtype | None = None):
     """Return `(model, tokenizer)` for an MLX model folder; `adapter` applies a LoRA adapter folder on top."""
     from llama2_mlx.tokenizer import Tokenizer
 
@@ -31,4 +29,6 @@ def load(
 
 def demo_model_path() -> Path:
     """The shipped demo model (`weights/demo` in the checkout); commands that take a model fall back to it."""
-    return Path(os.environ.get("LLAMA2_MLX_DEMO_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo"))
+    return Path(
+        os.environ.get("LLAMA2_MLX_DEMO_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo")
+    )

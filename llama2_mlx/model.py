@@ -45,7 +45,12 @@ class Attention(nn.Module):
 
     def rope(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(
-            x, self.head_dim, traditional=self.rope_traditional, base=self.rope_theta, scale=1.0, offset=offset
+            x,
+            self.head_dim,
+            traditional=self.rope_traditional,
+            base=self.rope_theta,
+            scale=1.0,
+            offset=offset,
         )
 
     def __call__(self, x: mx.array, mask: Mask = None, cache: KVCache | None = None) -> mx.array:

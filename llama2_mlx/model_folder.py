@@ -81,10 +81,16 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise Llama2MLXError(f"{source}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise Llama2MLXError(
+            f"{source}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
-        raise Llama2MLXError(f"{source}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise Llama2MLXError(
+            f"{source}: unexpected tensor {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
     for name, array in sorted(weights.items()):
         if tuple(array.shape) != tuple(expected[name].shape):
             raise Llama2MLXError(
@@ -214,7 +220,10 @@ class ShardedWriter:
             final = f"model-{index:05d}-of-{count:05d}.safetensors"
             path.rename(self.folder / final)
             weight_map.update({name: final for name in names})
-        index_file = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index_file = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
 
     def __enter__(self) -> ShardedWriter:

@@ -18,8 +18,10 @@ TOKENIZER_VOCAB = 384
 
 def _corpus() -> list[str]:
     rng = random.Random(0)
-    words = "the a quick brown fox jumps over lazy dog hello world what is answer speak in french bonjour " \
-            "monde sort list count letters capital question napoleon tennis plus minus times equals".split()
+    words = (
+        "the a quick brown fox jumps over lazy dog hello world what is answer speak in french bonjour "
+        "monde sort list count letters capital question napoleon tennis plus minus times equals".split()
+    )
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)]
     lines += [f"{a} + {b} = {a + b}" for a, b in zip(range(0, 400, 7), range(3, 600, 11), strict=False)]
     lines += ["Emoji: 😀 🎉 café naïve 日本語 — “quotes”", "[INST] <<SYS>> <</SYS>> [/INST]"]

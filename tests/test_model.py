@@ -238,5 +238,8 @@ def test_bad_folders_name_the_problem(tmp_path, tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     (broken / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
-    with pytest.raises(Llama2MLXError, match=r"model.layers.0.mlp.down_proj.weight has shape \(64, 160\), the config expects \(64, 128\)"):
+    with pytest.raises(
+        Llama2MLXError,
+        match=r"model.layers.0.mlp.down_proj.weight has shape \(64, 160\), the config expects \(64, 128\)",
+    ):
         load_model(broken)
