@@ -134,7 +134,7 @@ def run_gatt_data(
     **sampling,
 ) -> int:
     """Read the files, sample, write `out` (.jsonl of {"messages"}) atomically; returns the number of dialogs."""
-    from llama2_mlx.atomic_io import write_text_atomic
+    from llama2_mlx.fileio import write_text_atomic
     from llama2_mlx.loading import demo_model_path, load
 
     dialogs = read_user_turns(Path(dialogs_path))

@@ -17,8 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from llama2_mlx.atomic_io import save_safetensors_atomic, write_text_atomic
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import read_json, save_safetensors_atomic, write_text_atomic
 
 # Short names used on the command line -> the module path inside a TransformerBlock.
 TARGET_MODULES = {
@@ -142,12 +142,7 @@ def write_adapter_config(folder: Path, config: LoRAConfig, n_layers: int, base_m
 
 def read_adapter_config(folder: Path) -> LoRAConfig:
     path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: missing; an adapter folder needs {ADAPTER_CONFIG}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path, "an adapter folder")
     if data.get("fine_tune_type", "lora") != "lora":
         raise Llama2MLXError(f"{path}: fine_tune_type {data['fine_tune_type']!r} is not a LoRA adapter")
     try:

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import read_json
 from llama2_mlx.model import Llama
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -46,12 +47,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not folder.is_dir():
         raise Llama2MLXError(f"{folder}: no such model folder")
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: missing; a model folder needs config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
+    return read_json(path, "a model folder")
 
 
 def read_weights(folder: Path) -> dict[str, mx.array]:

@@ -135,8 +135,8 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from llama2_mlx.atomic_io import write_model_files, write_text_atomic
     from llama2_mlx.data import Batcher
+    from llama2_mlx.fileio import write_model_files, write_text_atomic
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.model import Llama
     from llama2_mlx.optim import OptimizerConfig, make_optimizer

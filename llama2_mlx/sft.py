@@ -101,8 +101,8 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     import mlx.core as mx
     import mlx.nn as nn
 
-    from llama2_mlx.atomic_io import write_model_files, write_text_atomic
     from llama2_mlx.data import Batcher, EncodeOptions, load_sft_data
+    from llama2_mlx.fileio import write_model_files, write_text_atomic
     from llama2_mlx.loading import demo_model_path, load
     from llama2_mlx.lora import LoRAConfig, apply_lora, save_adapters, write_adapter_config
     from llama2_mlx.losses import next_token_loss

@@ -31,8 +31,8 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from llama2_mlx.atomic_io import write_text_atomic
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"

@@ -18,6 +18,7 @@ from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource, row_bloc
 from llama2_mlx.checkpoints.pth import LazyTensor, read_pth
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import read_json
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older HF checkpoints saved; recomputed by RoPE
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
@@ -35,10 +36,7 @@ def meta_to_hf_rows(weight: mx.array, n_heads: int) -> mx.array:
 def read_hf(folder: Path) -> Checkpoint:
     """An HF Llama folder as a `Checkpoint`; safetensors are preferred when both formats are present."""
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise Llama2MLXError(f"{config_path}: not valid JSON ({error})") from None
+    config = read_json(config_path, "a Hugging Face model folder")
     args = ModelArgs.from_hf_config(config, source=str(config_path))
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:

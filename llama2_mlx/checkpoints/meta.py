@@ -8,7 +8,6 @@ check (file count, names, shapes, vocab) runs on the pickles' metadata before a 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from llama2_mlx.checkpoints.hf import meta_to_hf_rows
 from llama2_mlx.checkpoints.pth import LazyTensor, read_pth
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import read_json
 
 # Meta name (with the layer as N) -> (Hugging Face name, axis the shards are concatenated on; None = replicated)
 _LAYOUT: dict[str, tuple[str, int | None]] = {
@@ -105,12 +105,7 @@ def verify_checklist(folder: Path) -> None:
 
 def _read_params(folder: Path) -> dict:
     path = folder / "params.json"
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: missing; a Meta checkpoint folder needs params.json")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
+    params = read_json(path, "a Meta checkpoint folder")
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(params.get(key), int) or params[key] <= 0:
             raise Llama2MLXError(f"{path}: field '{key}' must be a positive integer, got {params.get(key)!r}")

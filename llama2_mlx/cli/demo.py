@@ -86,8 +86,8 @@ def eval_command(model: Path | None, prompts: Path | None, seed: int | None, max
     """
     import json
 
-    from llama2_mlx.atomic_io import write_text_atomic
     from llama2_mlx.evaluation import evaluate, format_report, read_heldout, world_heldout
+    from llama2_mlx.fileio import write_text_atomic
     from llama2_mlx.loading import demo_model_path, load
 
     if prompts is not None and seed is not None:

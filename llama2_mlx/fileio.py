@@ -1,14 +1,29 @@
-"""Single-file atomic writes: write a temporary sibling, then rename it over the target.
+"""Small file helpers shared by every module that reads or writes the project's files.
 
-A crash or Ctrl-C mid-write leaves the previous file intact (whole folders use `model_folder.atomic_folder`).
+Writes are atomic (a temporary sibling renamed over the target), so a crash or Ctrl-C mid-write leaves the
+previous file intact (whole folders use `model_folder.atomic_folder`). JSON reads fail with one line naming the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
+
+from llama2_mlx.errors import Llama2MLXError
+
+
+def read_json(path: Path, needed_for: str) -> Any:
+    """Parse a JSON file; a missing or malformed one is a `Llama2MLXError` naming it and what needs it."""
+    if not path.is_file():
+        raise Llama2MLXError(f"{path}: missing; {needed_for} needs {path.name}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
