@@ -22,10 +22,10 @@ from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json
 from llama2_mlx.model import Llama
+from llama2_mlx.shard_writer import DEFAULT_SHARD_BYTES, Entry, ShardWriter
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 def default_dtype(checkpoint_dtype: mx.Dtype = mx.bfloat16) -> mx.Dtype:
@@ -128,10 +128,17 @@ def save_model(
     """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`)."""
     with atomic_folder(path, force=force) as tmp:
         weights = dict(tree_flatten(model.parameters()))
-        with ShardedWriter(tmp, max_shard_bytes) as writer:
+        for name, array in weights.items():
+            if dtype is not None and _is_float(array) and not _is_quant_tensor(name, weights):
+                weights[name] = array.astype(dtype)
+        groups: dict[
+            str, list[Entry]
+        ] = {}  # a module's tensors (a quantized weight's scales too) share a shard
+        for name, array in weights.items():
+            groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(array.shape), array.dtype))
+        with ShardWriter(tmp, list(groups.values()), max_shard_bytes) as writer:
             for name, array in weights.items():
-                cast = dtype is not None and _is_float(array) and not _is_quant_tensor(name, weights)
-                writer.add(name, array.astype(dtype) if cast else array)
+                writer.add(name, array)
         config = model.args.to_hf_config()
         quantization = quantization_of(model)
         if quantization:
@@ -175,59 +182,6 @@ def quantization_of(model: nn.Module) -> dict | None:
         if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
             return {"group_size": module.group_size, "bits": module.bits}
     return None
-
-
-class ShardedWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive (bounded memory).
-
-    Shards get their final `model-0000k-of-0000n.safetensors` names, and the index, once the count is known.
-    """
-
-    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
-        self.pending: dict[str, mx.array] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, array: mx.array) -> None:
-        if self.pending and self.pending_bytes + array.nbytes > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = array
-        self.pending_bytes += array.nbytes
-        self.total_bytes += array.nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.shards):05d}.tmp.safetensors"
-        mx.save_safetensors(str(path), self.pending, metadata={"format": "mlx"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        self.flush()
-        count = len(self.shards)
-        if count == 1:
-            self.shards[0][0].rename(self.folder / "model.safetensors")
-            return
-        weight_map = {}
-        for index, (path, names) in enumerate(self.shards, start=1):
-            final = f"model-{index:05d}-of-{count:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update({name: final for name in names})
-        index_file = {
-            "metadata": {"total_size": self.total_bytes},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
-
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
 
 
 @contextmanager

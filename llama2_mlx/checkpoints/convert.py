@@ -22,15 +22,14 @@ from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource
 from llama2_mlx.checkpoints.hf import read_hf
 from llama2_mlx.checkpoints.hub import resolve
 from llama2_mlx.checkpoints.meta import is_meta_folder, read_meta
-from llama2_mlx.checkpoints.writer import Entry, PlannedShardWriter
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import (
-    DEFAULT_SHARD_BYTES,
     atomic_folder,
     build_model,
     copy_tokenizer,
     write_config,
 )
+from llama2_mlx.shard_writer import DEFAULT_SHARD_BYTES, Entry, ShardWriter
 
 QUANTIZE_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -102,7 +101,7 @@ def convert(
         plan = {
             name: _outputs(name, tensor, target, quantized) for name, tensor in checkpoint.tensors.items()
         }
-        with PlannedShardWriter(tmp, list(plan.values()), max_shard_bytes) as writer:
+        with ShardWriter(tmp, list(plan.values()), max_shard_bytes) as writer:
             for name, tensor in checkpoint.tensors.items():
                 rows = max(1, BLOCK_BYTES * tensor.shape[0] // max(1, tensor.nbytes)) if tensor.shape else 1
                 for block in tensor.blocks(rows):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from llama2_mlx.checkpoints.writer import Entry, PlannedShardWriter
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import atomic_folder, copy_tokenizer, read_config, read_weights, write_config
+from llama2_mlx.shard_writer import Entry, ShardWriter
 
 FORMATS = ("hf",)
 
@@ -38,7 +38,7 @@ def export(
         if _kept(name, quantized)
     ]
     with atomic_folder(dst, force=force) as tmp:
-        with PlannedShardWriter(tmp, [[entry] for entry in outputs]) as writer:
+        with ShardWriter(tmp, [[entry] for entry in outputs]) as writer:
             for name, _, _ in outputs:
                 stem = name.rsplit(".", 1)[0]
                 # popped, so each tensor is freed once written

@@ -1,9 +1,9 @@
-"""`PlannedShardWriter`: safetensors shards written block by block, for tensors whose names and shapes are known.
+"""`ShardWriter`: the safetensors shards of a model folder, laid out up front and written block by block.
 
-`ShardedWriter` keeps a shard's tensors in memory until the shard is full; a conversion knows every output tensor
-(name, shape, dtype) before reading any weight, so it can lay out the shards, write their headers first, and then
-put each block of rows straight at its place in the file. Memory is one block, whatever the shard size. Shard
-naming and the index are `ShardedWriter`'s (inherited `close`).
+Every writer of model folders (save, convert, export) knows each output tensor's name, shape and dtype before it
+has the data, so the shards and their headers are planned first and each block of rows then goes straight to its
+place in its file. Memory is one block, whatever the shard or model size. At the end the shards get their final
+names: `model.safetensors`, or `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.model_folder import DEFAULT_SHARD_BYTES, ShardedWriter
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 SAFETENSORS_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
                      mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.bool_: "BOOL"}  # fmt: skip
@@ -26,12 +27,14 @@ SAFETENSORS_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", 
 Entry = tuple[str, tuple[int, ...], mx.Dtype]
 
 
-class PlannedShardWriter(ShardedWriter):
+class ShardWriter:
     """Streams tensors into shards laid out up front. `groups` (e.g. a quantized weight with its scales and
     biases) are kept in one shard; a new shard starts when the next group would pass `max_shard_bytes`."""
 
     def __init__(self, folder: Path, groups: list[list[Entry]], max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        super().__init__(folder, max_shard_bytes)
+        self.folder = Path(folder)
+        self.shards: list[tuple[Path, list[str]]] = []  # (temporary path, tensor names)
+        self.total_bytes = 0
         self.files: list[int] = []
         self.regions: dict[str, tuple[int, int, int, mx.Dtype]] = {}  # name -> (file, next byte, end, dtype)
         layout: list[list[Entry]] = [[]]
@@ -84,16 +87,33 @@ class PlannedShardWriter(ShardedWriter):
         self.write(name, array)
 
     def close(self) -> None:
+        """Check every tensor is complete, then give the shards their final names (and the index)."""
         unfinished = [name for name, (_, position, end, _) in self.regions.items() if position != end]
         self._close_files()
         if unfinished:
             raise Llama2MLXError(f"tensor {unfinished[0]} was not written completely")
-        super().close()
+        count = len(self.shards)
+        if count == 1:
+            self.shards[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for index, (path, names) in enumerate(self.shards, start=1):
+            final = f"model-{index:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index_file = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
 
     def _close_files(self) -> None:
         for fd in self.files:
             os.close(fd)
         self.files = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
