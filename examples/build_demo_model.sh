@@ -2,7 +2,7 @@
 # Build the shipped demo model (weights/demo) from nothing, on a CPU, with this project's own commands:
 #   the synthetic world -> tokenizer -> pretraining -> supervised fine-tuning -> eval of both models.
 # Everything is seeded (a rerun gives the same weights); intermediate files go to $BUILD (runs/demo, git-ignored).
-# About 20 minutes on 2 shared CPU cores with OpenBLAS (pretraining 15, fine-tuning 4, evals 1); see below.
+# About 30 minutes on 2 shared CPU cores with OpenBLAS (pretraining 15, fine-tuning 12, evals 1); see below.
 #
 #   examples/build_demo_model.sh            # the shipped recipe
 #   BUILD=runs/smoke OUT=runs/smoke/out CORPUS_LINES=2000 SFT_ITERS=20 examples/build_demo_model.sh  # smoke run
@@ -19,7 +19,7 @@ VOCAB=${VOCAB:-512}
 SEQ_LEN=${SEQ_LEN:-256}
 CORPUS_LINES=${CORPUS_LINES:-40000}
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-2}
-SFT_ITERS=${SFT_ITERS:-400}
+SFT_ITERS=${SFT_ITERS:-1200}
 L2=${L2:-python cli.py}
 
 # MLX's Linux CPU wheel links the reference BLAS; a system OpenBLAS, if present, makes its matmuls ~15x faster.
