@@ -7,7 +7,6 @@ template tag ("[INST]" etc.): the model has started to write the next turn itsel
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import jsonl_records
 from llama2_mlx.tokenizer import SPECIAL_TAGS, Message
 from llama2_mlx.world.formats import heldout_record
 from llama2_mlx.world.skills import check_answer
@@ -80,18 +80,12 @@ class EvalReport:
 def read_heldout(path: str | os.PathLike) -> list[HeldOut]:
     """Held-out dialogs from a jsonl file in the world's held-out format (llama2_mlx/world/formats.py)."""
     path = Path(path)
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: held-out prompts file not found")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, record in jsonl_records(path, "held-out prompts file not found"):
         try:
-            items.append(parse_heldout(json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            items.append(parse_heldout(record))
         except Llama2MLXError as error:
-            raise Llama2MLXError(f"{path}:{number}: {error}") from None
+            raise Llama2MLXError(f"{where}: {error}") from None
     if not items:
         raise Llama2MLXError(f"{path}: no held-out prompts")
     return items

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import mlx.core as mx
+from typing import TYPE_CHECKING, Any
 
 from llama2_mlx.errors import Llama2MLXError
+
+if TYPE_CHECKING:  # mlx is imported where arrays are written, so light readers (and --help) stay fast
+    import mlx.core as mx
 
 
 def read_json(path: Path, needed_for: str) -> Any:
@@ -26,6 +28,22 @@ def read_json(path: Path, needed_for: str) -> Any:
         raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
 
 
+def jsonl_records(path: Path, not_found: str) -> Iterator[tuple[str, Any]]:
+    """`("path:line", parsed JSON)` for each non-blank line of a JSON Lines file, so callers name the line in their
+    own errors; a missing file or a line that is not JSON is a `Llama2MLXError` naming it."""
+    if not path.is_file():
+        raise Llama2MLXError(f"{path}: {not_found}")
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            yield f"{path}:{number}", row
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -33,6 +51,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
+    import mlx.core as mx
+
     tmp = path.with_name(f".{path.stem}.tmp.safetensors")  # MLX insists on the .safetensors suffix
     mx.save_safetensors(str(tmp), arrays)
     os.replace(tmp, path)

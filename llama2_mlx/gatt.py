@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import jsonl_records
 from llama2_mlx.tokenizer import Message
 
 
@@ -26,50 +27,40 @@ class Instruction:
 
 def read_instructions(path: Path) -> list[Instruction]:
     """A .txt with one instruction a line, or a .jsonl of {"instruction", optional "short"}."""
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: no such instructions file")
-    instructions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            instructions.append(Instruction(line.strip()))
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("instruction"), str)
-            or not row["instruction"].strip()
-        ):
-            raise Llama2MLXError(
-                f'{path}:{number}: expected {{"instruction": "...", "short": "..." (optional)}}'
-            )
-        instructions.append(Instruction(row["instruction"].strip(), row.get("short")))
+    if path.suffix == ".jsonl":
+        instructions = [
+            _instruction(where, row) for where, row in jsonl_records(path, "no such instructions file")
+        ]
+    else:
+        if not path.is_file():
+            raise Llama2MLXError(f"{path}: no such instructions file")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        instructions = [Instruction(line.strip()) for line in lines if line.strip()]
     if not instructions:
         raise Llama2MLXError(f"{path}: no instructions")
     return instructions
 
 
+def _instruction(where: str, row) -> Instruction:
+    if (
+        not isinstance(row, dict)
+        or not isinstance(row.get("instruction"), str)
+        or not row["instruction"].strip()
+    ):
+        raise Llama2MLXError(f'{where}: expected {{"instruction": "...", "short": "..." (optional)}}')
+    return Instruction(row["instruction"].strip(), row.get("short"))
+
+
 def read_user_turns(path: Path) -> list[list[str]]:
     """The user messages of each {"messages": [...]} dialog (system messages and old answers are dropped)."""
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: no such dialogs file")
     dialogs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, row in jsonl_records(path, "no such dialogs file"):
         try:
-            messages = json.loads(line)["messages"]
-            users = [m["content"] for m in messages if m["role"] == "user"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise Llama2MLXError(
-                f'{path}:{number}: expected {{"messages": [{{"role", "content"}}, ...]}}'
-            ) from None
+            users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+        except (KeyError, TypeError):
+            raise Llama2MLXError(f'{where}: expected {{"messages": [{{"role", "content"}}, ...]}}') from None
         if not users or not all(isinstance(u, str) and u.strip() for u in users):
-            raise Llama2MLXError(f"{path}:{number}: the dialog needs non-empty user messages")
+            raise Llama2MLXError(f"{where}: the dialog needs non-empty user messages")
         dialogs.append(users)
     if not dialogs:
         raise Llama2MLXError(f"{path}: no dialogs")

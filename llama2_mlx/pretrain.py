@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import jsonl_records
 
 PAPER_WARMUP = 2000
 
@@ -80,26 +81,22 @@ def model_args_for(spec: str, vocab_size: int):
 
 def read_documents(path: Path) -> list[str]:
     """One document per line of a .txt, or the "text" of each line of a .jsonl (errors name file:line)."""
-    if not path.is_file():
-        raise Llama2MLXError(f"{path}: no such corpus file")
-    documents = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            if path.suffix != ".jsonl":
-                documents.append(line.rstrip("\n"))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise Llama2MLXError(f'{path}:{number}: expected an object with a string "text"')
-            documents.append(row["text"])
+    if path.suffix == ".jsonl":
+        documents = [_document(where, row) for where, row in jsonl_records(path, "no such corpus file")]
+    else:
+        if not path.is_file():
+            raise Llama2MLXError(f"{path}: no such corpus file")
+        with path.open(encoding="utf-8") as file:
+            documents = [line.rstrip("\n") for line in file if line.strip()]
     if not documents:
         raise Llama2MLXError(f"{path}: the corpus is empty")
     return documents
+
+
+def _document(where: str, row) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise Llama2MLXError(f'{where}: expected an object with a string "text"')
+    return row["text"]
 
 
 def chunk_corpus(documents: list[str], tokenizer, seq_len: int):
