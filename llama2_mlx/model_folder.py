@@ -106,10 +106,8 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: boo
     check_weights(model, weights, str(folder))
     float_dtype = next((v.dtype for k, v in weights.items() if k.endswith("norm.weight")), mx.float32)
     target = dtype or default_dtype(float_dtype)
-    weights = {k: v.astype(target) if _is_float(v) and not k.endswith(("scales", "biases")) else v
-               for k, v in weights.items()}  # fmt: skip
-    if quantization:  # scales and biases follow the compute dtype too
-        weights = {k: v.astype(target) if k.endswith(("scales", "biases")) else v for k, v in weights.items()}
+    # every float tensor (quantized layers' scales and biases too) follows the compute dtype; packed uint32 stays
+    weights = {k: v.astype(target) if _is_float(v) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()))
     if not lazy:
         mx.eval(model.parameters())
