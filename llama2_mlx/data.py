@@ -16,13 +16,16 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.trainer import Batch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -121,13 +124,16 @@ def encode_row(row: Any, tokenizer, options: EncodeOptions) -> Example:
     )
 
 
-def read_examples(
-    path: Path, tokenizer, options: EncodeOptions, report: DataReport, skip_bad_lines: bool = False
-) -> list[Example]:
-    """Encode every line of a .jsonl file; a bad line raises `Llama2MLXError("file:line: ...")` or is counted."""
+def read_rows(
+    path: Path, encode: Callable[[Any], T], report: DataReport, skip_bad_lines: bool = False
+) -> list[T]:
+    """`encode` every line of a .jsonl file; a bad line raises `Llama2MLXError("file:line: ...")` or is counted.
+
+    `encode(row)` turns one parsed JSON value into an item or raises `Llama2MLXError` saying what is wrong.
+    """
     if not path.is_file():
         raise Llama2MLXError(f"{path}: no such data file")
-    examples = []
+    items = []
     with path.open(encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
@@ -137,16 +143,54 @@ def read_examples(
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise Llama2MLXError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-                examples.append(encode_row(row, tokenizer, options))
+                items.append(encode(row))
             except Llama2MLXError as error:
                 message = f"{path}:{number}: {error}"
                 if not skip_bad_lines:
                     raise Llama2MLXError(message + " (use --skip-bad-lines to skip such lines)") from None
                 report.skipped.append(message)
-    if not examples:
+    if not items:
         raise Llama2MLXError(f"{path}: no usable examples")
-    report.examples += len(examples)
-    return examples
+    report.examples += len(items)
+    return items
+
+
+def read_examples(
+    path: Path, tokenizer, options: EncodeOptions, report: DataReport, skip_bad_lines: bool = False
+) -> list[Example]:
+    """SFT examples of every line of a .jsonl file (see `read_rows` for bad lines)."""
+    return read_rows(path, lambda row: encode_row(row, tokenizer, options), report, skip_bad_lines)
+
+
+def load_rows(
+    path: str | Path,
+    encode: Callable[[Any], T],
+    valid_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad_lines: bool = False,
+) -> tuple[list[T], list[T], DataReport]:
+    """(train, valid, report) from a .jsonl file or a folder with train.jsonl and optional valid.jsonl.
+
+    Without a valid.jsonl, `valid_fraction` of the training items (chosen with `seed`) is held out.
+    """
+    path = Path(path)
+    report = DataReport()
+    if not 0 <= valid_fraction < 1:
+        raise Llama2MLXError(f"valid fraction must be in [0, 1), got {valid_fraction}")
+    if path.is_dir():
+        train = read_rows(path / "train.jsonl", encode, report, skip_bad_lines)
+        valid_file = path / "valid.jsonl"
+        if valid_file.is_file():
+            return train, read_rows(valid_file, encode, report, skip_bad_lines), report
+    else:
+        train = read_rows(path, encode, report, skip_bad_lines)
+    n_valid = int(round(len(train) * valid_fraction))
+    if n_valid == 0:
+        return train, [], report
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_valid])
+    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], report
 
 
 def load_sft_data(
@@ -157,29 +201,9 @@ def load_sft_data(
     seed: int = 0,
     skip_bad_lines: bool = False,
 ) -> tuple[list[Example], list[Example], DataReport]:
-    """(train, valid, report) from a .jsonl file or a folder with train.jsonl and optional valid.jsonl.
-
-    Without a valid.jsonl, `valid_fraction` of the training examples (chosen with `seed`) is held out.
-    """
-    path = Path(path)
-    report = DataReport()
-    if path.is_dir():
-        train = read_examples(path / "train.jsonl", tokenizer, options, report, skip_bad_lines)
-        valid_file = path / "valid.jsonl"
-        if valid_file.is_file():
-            valid = read_examples(valid_file, tokenizer, options, report, skip_bad_lines)
-            return train, valid, report
-    else:
-        train = read_examples(path, tokenizer, options, report, skip_bad_lines)
-    if not 0 <= valid_fraction < 1:
-        raise Llama2MLXError(f"valid fraction must be in [0, 1), got {valid_fraction}")
-    n_valid = int(round(len(train) * valid_fraction))
-    if n_valid == 0:
-        return train, [], report
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_valid])
-    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], report
+    """(train, valid, report) SFT examples; see `load_rows`."""
+    encode = partial(encode_row, tokenizer=tokenizer, options=options)
+    return load_rows(path, encode, valid_fraction, seed, skip_bad_lines)
 
 
 def truncate(examples: list[Example], seq_len: int, report: DataReport) -> list[Example]:
@@ -208,6 +232,21 @@ def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
             space -= lengths[index]
         bisect.insort(free, (space, row))
     return rows
+
+
+def epoch_order(n_batches: int, seed: int, start: int = 0) -> Iterator[int]:
+    """Batch indices of endless epochs from global index `start`: epoch e is the permutation seeded by (seed, e)."""
+    epoch, offset = divmod(start, n_batches)
+    while True:
+        yield from np.random.default_rng([seed, epoch]).permutation(n_batches)[offset:].tolist()
+        epoch, offset = epoch + 1, 0
+
+
+def spread(n_batches: int, limit: int = 0) -> list[int]:
+    """All batch indices in order, or `limit` of them spread evenly (batches are sorted by length)."""
+    if 0 < limit < n_batches:
+        return sorted({round(i * (n_batches - 1) / max(limit - 1, 1)) for i in range(limit)})
+    return list(range(n_batches))
 
 
 class Batcher:
@@ -255,19 +294,12 @@ class Batcher:
 
     def __call__(self, start: int = 0) -> Iterator[Batch]:
         """Endless epochs from global micro-batch index `start`; epoch e visits the batches in a seeded order."""
-        epoch, offset = divmod(start, len(self.batches))
-        while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
-            for index in order[offset:]:
-                yield self.make_batch(self.batches[index])
-            epoch, offset = epoch + 1, 0
+        for index in epoch_order(len(self.batches), self.seed, start):
+            yield self.make_batch(self.batches[index])
 
     def once(self, limit: int = 0) -> Iterator[Batch]:
         """Every batch once, in order (validation); with `limit`, that many spread evenly over the lengths."""
-        chosen = range(len(self.batches))
-        if 0 < limit < len(self.batches):
-            chosen = sorted({round(i * (len(self.batches) - 1) / max(limit - 1, 1)) for i in range(limit)})
-        for index in chosen:
+        for index in spread(len(self.batches), limit):
             yield self.make_batch(self.batches[index])
 
     def make_batch(self, rows: list[list[int]]) -> Batch:

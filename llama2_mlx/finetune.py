@@ -1,0 +1,111 @@
+"""What every fine-tuning job shares (SFT, the reward model, rejection sampling, DPO, PPO): its flags and its
+trainable part.
+
+`FineTuneConfig` holds the flags common to those jobs (model, LoRA or full, optimiser, schedule, batching,
+checkpoints); each job's config subclasses it, adds its own fields and overrides the defaults its recipe changes,
+so `llama2-mlx COMMAND --help` and `-c config.yaml` stay the same across commands without copying fields.
+`make_trainable` turns a loaded network into the job's trainable model: LoRA (QLoRA on a quantized base) or full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.nn as nn
+
+from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.lora import LoRAConfig, apply_lora
+
+
+@dataclass
+class FineTuneConfig:
+    """Every field is a flag of the fine-tuning commands and a key of their -c config.yaml."""
+
+    data: str = field(metadata={"help": "A .jsonl file, or a folder with train.jsonl (and valid.jsonl)."})
+    out: str = field(metadata={"help": "Output folder (adapter or model, metrics.jsonl, checkpoint/)."})
+    model: str | None = field(
+        default=None, metadata={"help": "Model folder (default: the shipped demo model)."}
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    targets: str = field(default="q,v", metadata={"help": "LoRA projections, any of q,k,v,o,gate,up,down."})
+    layers: str = field(default="all", metadata={"help": "LoRA on the last N layers, or 'all'."})
+    full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
+    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float = field(
+        default=2e-5, metadata={"help": "Peak learning rate (paper: 2e-5; LoRA usually wants 1e-4)."}
+    )
+    warmup: int = field(default=0, metadata={"help": "Linear warmup steps before the cosine decay to 10%."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    clip_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: off)."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Sequences per optimizer step, all processes together."}
+    )
+    seq_len: int = field(
+        default=4096, metadata={"help": "Tokens per sequence; longer examples are truncated."}
+    )
+    iters: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
+    epochs: float = field(
+        default=2.0, metadata={"help": "Passes over the training data when --iters is not set."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed for LoRA init, shuffling, dropout and the valid split."}
+    )
+    save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps (and at the end)."})
+    eval_every: int = field(default=200, metadata={"help": "Validation every N steps (and at the end)."})
+    val_batches: int = field(
+        default=0, metadata={"help": "Validation batches per evaluation (0: all of them)."}
+    )
+    report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
+    valid_fraction: float = field(
+        default=0.0, metadata={"help": "Hold out this fraction when there is no valid.jsonl."}
+    )
+    skip_bad_lines: bool = field(
+        default=False, metadata={"help": "Skip (and count) bad data lines instead of failing."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --out."})
+    progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+
+    def __post_init__(self) -> None:
+        if self.layers != "all" and not str(self.layers).isdigit():
+            raise Llama2MLXError(f"layers must be a number or 'all', got {self.layers!r}")
+        for name in ("batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise Llama2MLXError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise Llama2MLXError("seq_len must be at least 2")
+        if self.batch_size % self.grad_accum:
+            raise Llama2MLXError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences (or pairs) per forward pass, all processes together."""
+        return self.batch_size // self.grad_accum
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings, or None for full fine-tuning."""
+        if self.full:
+            return None
+        layers = None if self.layers == "all" else int(self.layers)
+        return LoRAConfig(
+            rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets, layers=layers
+        )
+
+
+def make_trainable(model: nn.Module, config: FineTuneConfig, model_path: object) -> LoRAConfig | None:
+    """Make `model`'s trainable part what `config` asks for: LoRA layers (returned), or every weight (`--full`).
+
+    A quantized model can only be trained through LoRA (QLoRA): its packed weights have no gradient.
+    """
+    lora = config.lora()
+    if lora is None:
+        if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+            raise Llama2MLXError(f"{model_path}: full fine-tuning needs a float model; use LoRA (QLoRA) here")
+        model.unfreeze()
+    else:
+        apply_lora(model, lora)
+    return lora
