@@ -24,6 +24,8 @@ _PUBLIC = {
     "export": "llama2_mlx.checkpoints.export",
     "Tokenizer": "llama2_mlx.tokenizer",
     "generate": "llama2_mlx.generation",
+    "load_reward_model": "llama2_mlx.reward_model",
+    "RewardModel": "llama2_mlx.reward_model",
 }
 
 __all__ = sorted(_PUBLIC)

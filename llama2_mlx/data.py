@@ -50,6 +50,7 @@ class DataReport:
     skipped: list[str] = field(default_factory=list)  # "file:line: what is wrong" of skipped lines
     truncated: int = 0
     dropped: int = 0  # examples left out because they did not fill a last batch
+    too_long: int = 0  # preference pairs left out because an answer would be cut by the sequence length
 
     def summary(self) -> str:
         parts = [f"{self.examples} examples"]
@@ -57,6 +58,8 @@ class DataReport:
             parts.append(f"{len(self.skipped)} bad lines skipped (first: {self.skipped[0]})")
         if self.truncated:
             parts.append(f"{self.truncated} truncated to the sequence length")
+        if self.too_long:
+            parts.append(f"{self.too_long} left out: longer than --seq-len (never compared truncated)")
         if self.dropped:
             parts.append(f"{self.dropped} left out of an incomplete last batch")
         return ", ".join(parts)

@@ -58,7 +58,9 @@ def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
     os.replace(tmp, path)
 
 
-def write_model_files(model, folder: Path, tokenizer_dir: Path | None = None) -> None:
+def write_model_files(
+    model, folder: Path, tokenizer_dir: Path | None = None, config_extra: dict | None = None
+) -> None:
     """Write a model folder's files (config, weights, tokenizer) into an existing run folder, each file atomically.
 
     A run folder also holds metrics.jsonl and checkpoint/, so `model_folder.save_model` (which replaces a whole
@@ -70,7 +72,7 @@ def write_model_files(model, folder: Path, tokenizer_dir: Path | None = None) ->
 
     tmp = folder / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer_dir=tokenizer_dir)
+    save_model(model, tmp, tokenizer_dir=tokenizer_dir, config_extra=config_extra)
     for path in tmp.iterdir():
         os.replace(path, folder / path.name)
     tmp.rmdir()

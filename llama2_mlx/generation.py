@@ -164,7 +164,7 @@ def generate_rows(
     for step in range(max_tokens):
         if step + 1 < max_tokens:  # queue the next step before reading this token back
             offset = cache[0].offset
-            mask = _attention_mask(pad_array, offset, offset + 1)
+            mask = left_padding_mask(pad_array, offset, offset + 1)
             next_y = next_token(model(y[:, None], mask=mask, cache=cache)[:, -1, :])
             mx.async_eval(next_y)
         ids = y.tolist()
@@ -201,12 +201,12 @@ def _prefill(
     width = tokens.shape[1]
     for start in range(0, width - 1, chunk):
         end = min(start + chunk, width - 1)
-        model(tokens[:, start:end], mask=_attention_mask(pads, start, end), cache=cache)
+        model(tokens[:, start:end], mask=left_padding_mask(pads, start, end), cache=cache)
         mx.eval([c.keys for c in cache] + [c.values for c in cache])
-    return model(tokens[:, -1:], mask=_attention_mask(pads, width - 1, width), cache=cache)[:, -1, :]
+    return model(tokens[:, -1:], mask=left_padding_mask(pads, width - 1, width), cache=cache)[:, -1, :]
 
 
-def _attention_mask(pads: mx.array | None, start: int, end: int) -> mx.array | None:
+def left_padding_mask(pads: mx.array | None, start: int, end: int) -> mx.array | None:
     """Mask for query positions [start, end) over keys [0, end) that also hides each row's left padding.
 
     [batch, 1, end - start, end], True = may attend; None (the model's causal mask) when nothing is padded.

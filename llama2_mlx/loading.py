@@ -32,3 +32,12 @@ def demo_model_path() -> Path:
     return Path(
         os.environ.get("LLAMA2_MLX_DEMO_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo")
     )
+
+
+def demo_reward_model_path() -> Path:
+    """The shipped demo reward model (`weights/demo-rm`, an adapter and head on the demo model)."""
+    return Path(
+        os.environ.get(
+            "LLAMA2_MLX_DEMO_REWARD_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo-rm"
+        )
+    )

@@ -99,15 +99,28 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: boo
     folder = Path(path)
     config = read_config(folder)
     args = ModelArgs.from_hf_config(config, source=str(folder / "config.json"))
-    quantization = config.get("quantization")
-    model = build_model(args, quantization)
-    weights = read_weights(folder)
+    model = build_model(args, config.get("quantization"))
+    return fill_model(model, read_weights(folder), str(folder), dtype, lazy)
+
+
+def fill_model(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    source: str,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+) -> nn.Module:
+    """Check `weights` against `model` (every tensor, by name and shape) and load them into it, in eval mode.
+
+    Every float tensor (quantized layers' scales and biases too) follows the compute dtype `dtype` (default:
+    `default_dtype` of the checkpoint's); packed uint32 stays. Arrays already in that dtype are loaded as they
+    are, not copied, so two models filled from one dict share their memory.
+    """
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
-    check_weights(model, weights, str(folder))
+    check_weights(model, weights, source)
     float_dtype = next((v.dtype for k, v in weights.items() if k.endswith("norm.weight")), mx.float32)
     target = dtype or default_dtype(float_dtype)
-    # every float tensor (quantized layers' scales and biases too) follows the compute dtype; packed uint32 stays
-    weights = {k: v.astype(target) if _is_float(v) else v for k, v in weights.items()}
+    weights = {k: v.astype(target) if _is_float(v) and v.dtype != target else v for k, v in weights.items()}
     model.load_weights(list(weights.items()))
     if not lazy:
         mx.eval(model.parameters())
@@ -122,8 +135,12 @@ def save_model(
     dtype: mx.Dtype | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    config_extra: dict | None = None,
 ) -> Path:
-    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`)."""
+    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`).
+
+    `config_extra` adds or replaces config.json keys (a reward model's architecture and label count).
+    """
     with atomic_folder(path, force=force) as tmp:
         weights = dict(tree_flatten(model.parameters()))
         for name, array in weights.items():
@@ -137,7 +154,7 @@ def save_model(
         with ShardWriter(tmp, list(groups.values()), max_shard_bytes) as writer:
             for name, array in weights.items():
                 writer.add(name, array)
-        config = model.args.to_hf_config()
+        config = {**model.args.to_hf_config(), **(config_extra or {})}
         quantization = quantization_of(model)
         if quantization:
             config["quantization"] = quantization

@@ -109,8 +109,13 @@ def train(
     config: TrainConfig,
     val_batches: Callable[[], Iterable[Batch]] | None = None,
     callbacks: Iterable[Callback] = (),
+    val_metrics: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Train `model`'s trainable parameters for `config.iters` optimizer steps; see the module docstring."""
+    """Train `model`'s trainable parameters for `config.iters` optimizer steps; see the module docstring.
+
+    `val_metrics(model)`, if given, adds job-specific numbers (e.g. a reward model's accuracy) to each validation
+    record; it runs with the model in eval mode.
+    """
     world = mx.distributed.init()
     is_main = world.rank() == 0
     callbacks = list(callbacks) if is_main else []
@@ -155,7 +160,7 @@ def train(
         _deferred_interrupt() as stop,
     ):
         if val_batches is not None and start_step == 0:
-            result.val_loss = _validate(evaluate_fn, model, val_batches, world, 0, report)
+            result.val_loss = _validate(evaluate_fn, model, val_batches, world, 0, report, val_metrics)
         step = start_step
         while step < config.iters:
             tic = time.perf_counter()
@@ -197,7 +202,7 @@ def train(
             if val_batches is not None and (
                 step == config.iters or (config.eval_every and step % config.eval_every == 0)
             ):
-                result.val_loss = _validate(evaluate_fn, model, val_batches, world, step, report)
+                result.val_loss = _validate(evaluate_fn, model, val_batches, world, step, report, val_metrics)
             if step == config.iters or (config.save_every and step % config.save_every == 0):
                 save(step)
             if stop():
@@ -266,21 +271,22 @@ def _compile_eval(model: nn.Module, loss_fn: LossFn):
     return evaluate
 
 
-def _validate(evaluate_fn, model, val_batches, world, step: int, report) -> float:
-    """Mean validation loss over every batch (sum / weight, all-reduced over ranks)."""
+def _validate(evaluate_fn, model, val_batches, world, step: int, report, val_metrics=None) -> float:
+    """Mean validation loss over every batch (sum / weight, all-reduced over ranks), plus `val_metrics`."""
     model.eval()
     total, weight = mx.array(0.0), mx.array(0.0)
     for batch in val_batches():
         batch_total, batch_weight = evaluate_fn(batch.inputs)
         total, weight = total + batch_total, weight + batch_weight
         mx.eval(total, weight)
+    extra = val_metrics(model) if val_metrics is not None else {}
     model.train()
     if world.size() > 1:
         total, weight = mx.distributed.all_sum(total), mx.distributed.all_sum(weight)
     if weight.item() == 0:
         raise Llama2MLXError("the validation set has no tokens to score")
     val_loss = (total / weight).item()
-    report({"step": step, "val_loss": val_loss})
+    report({"step": step, "val_loss": val_loss, **extra})
     return val_loss
 
 
@@ -333,7 +339,9 @@ class ProgressBar(Callback):
         if "val_loss" in record:  # a line of its own, below the current progress line
             self.stream.write(
                 ("\n" if self.last else "")
-                + f"step {record['step']}/{self.total}  val_loss {record['val_loss']:.4f}\n"
+                + f"step {record['step']}/{self.total}  val_loss {record['val_loss']:.4f}"
+                + (f"  val_accuracy {record['val_accuracy']:.3f}" if "val_accuracy" in record else "")
+                + "\n"
             )
             self.last = ""
         else:

@@ -11,11 +11,11 @@ from llama2_mlx.pretrain import PretrainConfig
 from llama2_mlx.sft import SFTConfig
 
 
-def _announce(line: str) -> None:
+def announce(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _finish(result, out: Path, what: str) -> None:
+def finish_training(result, out: Path, what: str) -> None:
     """The last lines of a training command (rank 0 only): where things are, or how to resume after Ctrl-C."""
     import mlx.core as mx
 
@@ -45,8 +45,8 @@ def sft(ctx: click.Context, model: str | None, config_file: Path | None, **_: ob
     from llama2_mlx.sft import run_sft
 
     config = build_config(SFTConfig, ctx, config_file, extra={"model": model})
-    result, _ = run_sft(config, announce=_announce)
-    _finish(result, Path(config.out), "the model folder" if config.full else "the adapter")
+    result, _ = run_sft(config, announce=announce)
+    finish_training(result, Path(config.out), "the model folder" if config.full else "the adapter")
 
 
 @click.command("fuse")
@@ -78,7 +78,7 @@ def pretrain(ctx: click.Context, config_file: Path | None, **_: object) -> None:
     from llama2_mlx.pretrain import run_pretrain
 
     config = build_config(PretrainConfig, ctx, config_file)
-    _finish(run_pretrain(config, announce=_announce), Path(config.out), "the model folder")
+    finish_training(run_pretrain(config, announce=announce), Path(config.out), "the model folder")
 
 
 @click.command("plot")
