@@ -10,11 +10,12 @@ so `llama2-mlx COMMAND --help` and `-c config.yaml` stay the same across command
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.nn as nn
 
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.lora import LoRAConfig, apply_lora
+from llama2_mlx.lora import LoRAConfig, apply_adapter, apply_lora, read_adapter_config
 
 
 @dataclass
@@ -96,11 +97,20 @@ class FineTuneConfig:
         )
 
 
-def make_trainable(model: nn.Module, config: FineTuneConfig, model_path: object) -> LoRAConfig | None:
+def make_trainable(
+    model: nn.Module, config: FineTuneConfig, model_path: object, adapter: str | None = None
+) -> LoRAConfig | None:
     """Make `model`'s trainable part what `config` asks for: LoRA layers (returned), or every weight (`--full`).
 
-    A quantized model can only be trained through LoRA (QLoRA): its packed weights have no gradient.
+    With `adapter`, training continues that LoRA adapter folder (its rank, alpha, targets and layers, which take
+    the place of the job's LoRA flags). A quantized model can only be trained through LoRA (QLoRA): its packed
+    weights have no gradient.
     """
+    if adapter is not None:
+        if config.full:
+            raise Llama2MLXError("--adapter continues a LoRA adapter; it cannot be combined with --full")
+        apply_adapter(model, adapter)
+        return read_adapter_config(Path(adapter))
     lora = config.lora()
     if lora is None:
         if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):

@@ -35,6 +35,12 @@ class SFTConfig(FineTuneConfig):
     gatt: bool = field(
         default=False, metadata={"help": "Ghost Attention: train only the last answer of each dialog."}
     )
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue training this LoRA adapter folder (its rank, alpha, targets and layers)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,7 +82,7 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     if valid_examples:
         val_batches = partial(Batcher(valid_examples, micro_batch, **batching).once, config.val_batches)
 
-    lora = make_trainable(model, config, model_path)
+    lora = make_trainable(model, config, model_path, config.adapter)
 
     class SaveAdapters(Callback):
         def on_checkpoint(self, step: int, folder: Path) -> None:

@@ -36,7 +36,7 @@ def cli(debug: bool) -> None:
 
 
 # Each area's module exposes COMMANDS, a list of click commands; add new modules to this tuple.
-_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "demo", "reward")
+_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "demo", "reward", "rlhf")
 
 
 def _register_commands() -> None:

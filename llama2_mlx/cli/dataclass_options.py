@@ -1,6 +1,7 @@
 """Click options generated from a config dataclass, merged with a -c config.yaml: no field is copied by hand.
 
-Each dataclass field becomes `--field-name` (bools become on/off flags) with the field's `metadata["help"]`.
+Each dataclass field becomes `--field-name` (bools become on/off flags) with the field's `metadata["help"]`;
+`metadata["flag"]` names the flag (and config-file key) differently, e.g. a job's `data` field as `--prompts`.
 Values come from the dataclass defaults, then the YAML file (same keys as the flags, - or _), then the flags the
 user actually typed, so a flag always wins over the file.
 """
@@ -32,12 +33,16 @@ def _fields(cls: type, skip: tuple[str, ...]) -> list[tuple[dataclasses.Field, t
     return [(f, _base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.name not in skip]
 
 
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f.name).replace("_", "-")
+
+
 def dataclass_options(cls: type, skip: tuple[str, ...] = ()):
     """Decorator adding one click option per field of `cls` (except `skip`) and `-c/--config-file FILE`."""
 
     def decorate(command):
         for f, kind in reversed(_fields(cls, skip)):
-            flag = f.name.replace("_", "-")
+            flag = _flag(f)
             help_text = f.metadata.get("help", "")
             if kind is bool:
                 default = f.default if f.default is not dataclasses.MISSING else False
@@ -67,9 +72,11 @@ def build_config(
 ):
     """An instance of `cls` from defaults < config file < the flags typed on the command line (< `extra`)."""
     known = {f.name: kind for f, kind in _fields(cls, ())}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if config_file is not None:
-        values.update(_read_yaml(config_file, known))
+        aliases = {_flag(f).replace("-", "_"): name for name, f in fields.items()}
+        values.update(_read_yaml(config_file, known, aliases))
     for name, value in ctx.params.items():
         if name in known and ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
             values[name] = value
@@ -80,12 +87,12 @@ def build_config(
                and f.default_factory is dataclasses.MISSING and values.get(n) is None]  # fmt: skip
     if missing:
         raise click.UsageError(
-            f"missing --{missing[0].replace('_', '-')} (or '{missing[0]}' in the config file)"
+            f"missing --{_flag(fields[missing[0]])} (or '{_flag(fields[missing[0]])}' in the config file)"
         )
     return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def _read_yaml(path: Path, known: dict[str, type]) -> dict[str, Any]:
+def _read_yaml(path: Path, known: dict[str, type], aliases: dict[str, str]) -> dict[str, Any]:
     import yaml
 
     try:
@@ -96,7 +103,7 @@ def _read_yaml(path: Path, known: dict[str, type]) -> dict[str, Any]:
         raise Llama2MLXError(f"{path}: expected a mapping of option names to values")
     values = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
+        name = aliases.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if name not in known:
             raise Llama2MLXError(f"{path}: unknown key '{key}'")
         kind = known[name]

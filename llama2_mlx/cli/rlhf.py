@@ -1,0 +1,46 @@
+"""RLHF commands: `rejection-sample` (the paper's iterative rejection-sampling fine-tuning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from llama2_mlx.cli.dataclass_options import build_config, dataclass_options
+from llama2_mlx.cli.train import announce
+from llama2_mlx.rejection_sampling import RejectionConfig
+
+
+@click.command("rejection-sample")
+@click.argument("model", required=False)
+@dataclass_options(RejectionConfig, skip=("model",))
+@click.pass_context
+def rejection_sample(ctx: click.Context, model: str | None, config_file: Path | None, **_: object) -> None:
+    """Rejection-sampling fine-tuning of MODEL (default: the demo model): each iteration samples --k answers per
+    prompt, scores them (--reward-model, optionally --safety-reward-model, or --reward-fn), keeps the best per
+    prompt from all iterations so far (--pool all; latest for the paper's V1-V3), and fine-tunes on them with the
+    sft recipe (the sft flags apply). Outputs DIR/iter-N/{samples,selected}.jsonl, adapter/, summary.json,
+    figure7.png and DIR/report.md; --resume continues after the last finished iteration.
+    """
+    from llama2_mlx.rejection_sampling import run_rejection_sampling
+
+    config = build_config(RejectionConfig, ctx, config_file, extra={"model": model})
+    result = run_rejection_sampling(config, announce=announce)
+    out = Path(config.out)
+    if result.status == "interrupted":
+        click.echo(f"interrupted; {len(result.summaries)} iteration(s) finished in {out}. "
+                   "Continue with the same command plus --resume.", err=True)  # fmt: skip
+        raise SystemExit(130)
+    for summary in result.summaries:
+        means = ", ".join(
+            f"T={t}: mean {r['mean']:.4f} max {r['max']:.4f}" for t, r in summary["temperatures"].items()
+        )
+        click.echo(
+            f"iteration {summary['iteration']}: {means}; selected {summary['selected_mean_reward']:.4f}"
+        )
+    last = result.summaries[-1]["iteration"]
+    click.echo(f"done: {last} iterations; the last adapter is {out / f'iter-{last}' / 'adapter'}; report in "
+               f"{out / 'report.md'}")  # fmt: skip
+
+
+COMMANDS: list[click.Command] = [rejection_sample]
