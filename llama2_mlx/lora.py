@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,12 +76,15 @@ class LoRALinear(nn.Module):
         bound = 1 / math.sqrt(in_dims)  # PEFT's kaiming-uniform(a=sqrt(5)) bound for A
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))
+        self.enabled = True  # False inside `adapters_disabled`: the layer is its base alone
 
     @classmethod
     def from_linear(cls, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
         return cls(base, rank, alpha / rank, dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if not self.enabled:
+            return self.linear(x)
         update = (self.dropout(x) @ self.lora_a) @ self.lora_b
         return self.linear(x) + (self.scale * update).astype(x.dtype)
 
@@ -115,6 +120,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                 LoRALinear.from_linear(base, config.rank, config.alpha, config.dropout),
             )
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every LoRA layer switched off: the base model, as PPO's reference policy, with no second copy
+    of the weights (also inside a compiled function, which traces both settings)."""
+    layers = [module for _, module in model.named_modules() if isinstance(module, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def lora_parameters(model: nn.Module) -> dict[str, mx.array]:

@@ -47,6 +47,7 @@ class Pair:
     rejected: list[int]
     rating: str | None = None
     margin: float | None = None  # the row's own numeric margin, which wins over its rating
+    prompt_len: int = 0  # tokens of the shared prompt; the answers start there (DPO scores only answers)
 
     def margin_for(self, scheme: str) -> float:
         if self.margin is not None:
@@ -61,8 +62,10 @@ class Pair:
         return max(len(self.chosen), len(self.rejected))
 
 
-def encode_pair(row: Any, tokenizer) -> Pair:
-    """One preference row -> `Pair`; a bad row raises `Llama2MLXError` saying which field is wrong."""
+def encode_pair(row: Any, tokenizer, require_rating: bool = True) -> Pair:
+    """One preference row -> `Pair`; a bad row raises `Llama2MLXError` saying which field is wrong.
+
+    The reward model needs a rating or margin on every row; DPO (`require_rating=False`) does not."""
     from llama2_mlx.reward_model import encode_response
 
     if not isinstance(row, dict):
@@ -91,10 +94,11 @@ def encode_pair(row: Any, tokenizer) -> Pair:
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
             raise Llama2MLXError(f"'margin' must be a finite number, got {margin!r}")
         margin = float(margin)
-    if rating is None and margin is None:
+    if require_rating and rating is None and margin is None:
         raise Llama2MLXError("needs a 'rating' or a numeric 'margin'")
     chosen, rejected = (encode_response(tokenizer, prompt, answer) for answer in answers)
-    return Pair(chosen, rejected, rating, margin)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return Pair(chosen, rejected, rating, margin, len(tokenizer.encode_dialog(messages)))
 
 
 def load_pairs(
@@ -104,13 +108,14 @@ def load_pairs(
     valid_fraction: float = 0.0,
     seed: int = 0,
     skip_bad_lines: bool = False,
+    require_rating: bool = True,
 ) -> tuple[list[Pair], list[Pair], DataReport]:
     """(train, valid, report) pairs from a .jsonl file or a folder with train.jsonl (and valid.jsonl).
 
     Pairs longer than `seq_len` are left out and counted in `report.too_long`.
     """
     train, valid, report = load_rows(
-        path, lambda row: encode_pair(row, tokenizer), valid_fraction, seed, skip_bad_lines
+        path, lambda row: encode_pair(row, tokenizer, require_rating), valid_fraction, seed, skip_bad_lines
     )
     train, valid = (_fitting(pairs, seq_len, report) for pairs in (train, valid))
     if not train:

@@ -12,12 +12,10 @@ iteration leaves nothing half-written and `--resume` continues after the last fi
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +25,8 @@ from typing import Any
 
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.finetune import FineTuneConfig
-from llama2_mlx.tokenizer import Message
+from llama2_mlx.prompts import PromptRow, read_prompts
+from llama2_mlx.rewards import RewardFlags, reward_source
 
 CONFIG_FILE = "rs_config.json"
 REPORT_FILE = "report.md"
@@ -39,7 +38,7 @@ RESUMABLE_CHANGES = frozenset(
 
 
 @dataclass
-class RejectionConfig(FineTuneConfig):
+class RejectionConfig(FineTuneConfig, RewardFlags):
     """Every field is a flag of `llama2-mlx rejection-sample` and a key of its -c config.yaml."""
 
     data: str = field(
@@ -47,19 +46,6 @@ class RejectionConfig(FineTuneConfig):
                                              'turn), optionally "safety": true.'}
     )  # fmt: skip
     out: str = field(metadata={"help": "Output folder: iter-N/ per iteration, report.md."})
-    reward_model: str | None = field(
-        default=None, metadata={"help": "Reward-model folder (train-rm) scoring helpfulness."}
-    )
-    safety_reward_model: str | None = field(
-        default=None, metadata={"help": "A safety reward model, combined with the paper's rule."}
-    )
-    safety_threshold: float = field(
-        default=0.15,
-        metadata={"help": "Use the safety score when sigmoid(safety score) is below this (paper: 0.15)."},
-    )
-    reward_fn: str | None = field(
-        default=None, metadata={"help": "module:function, f(prompt: str, answer: str) -> float, instead of an RM."}
-    )  # fmt: skip
     adapter: str | None = field(
         default=None, metadata={"help": "The starting policy's LoRA adapter (e.g. from sft); training continues it."}
     )  # fmt: skip
@@ -85,23 +71,17 @@ class RejectionConfig(FineTuneConfig):
                   "choices": ["all", "latest"]},
     )  # fmt: skip
     sample_batch: int = field(default=16, metadata={"help": "Prompts sampled together (x K rows)."})
-    score_batch: int = field(default=32, metadata={"help": "Answers scored together by the reward model."})
     pack: bool = field(default=False, metadata={"help": "Pack the selected examples into --seq-len rows."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _ = self.temperatures  # parsed here so a bad list fails before anything runs
-        for name in ("k", "iterations", "max_tokens", "sample_batch", "score_batch"):
+        for name in ("k", "iterations", "max_tokens", "sample_batch"):
             if getattr(self, name) < 1:
                 raise Llama2MLXError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pool not in ("all", "latest"):
             raise Llama2MLXError(f"pool must be 'all' or 'latest', got {self.pool!r}")
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise Llama2MLXError("give exactly one of --reward-model and --reward-fn")
-        if self.safety_reward_model is not None and self.reward_model is None:
-            raise Llama2MLXError("--safety-reward-model combines with --reward-model, not --reward-fn")
-        if not 0 <= self.safety_threshold <= 1:
-            raise Llama2MLXError(f"safety_threshold must be in [0, 1], got {self.safety_threshold}")
+        self.check_rewards()
 
     @property
     def temperatures(self) -> list[float]:
@@ -114,115 +94,6 @@ class RejectionConfig(FineTuneConfig):
         if not values or not all(math.isfinite(t) and t > 0 for t in values):
             raise Llama2MLXError(f"every temperature must be a positive number, got {self.temperature!r}")
         return values
-
-
-@dataclass
-class PromptRow:
-    """A prompt to answer: a string or a dialog ending with a user turn, and whether it is a safety prompt."""
-
-    prompt: str | list[Message]
-    safety: bool = False
-
-    @property
-    def text(self) -> str:
-        """What a reward function receives: the prompt string, or the dialog's last user message."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[-1]["content"]
-
-    def record(self) -> dict[str, Any]:
-        return {"prompt": self.prompt} if isinstance(self.prompt, str) else {"messages": self.prompt}
-
-    @property
-    def messages(self) -> list[Message]:
-        """The prompt as a chat (a string prompt is one user message, never a plain-text continuation)."""
-        return [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else self.prompt
-
-    def dialog(self, answer: str) -> list[Message]:
-        return [*self.messages, {"role": "assistant", "content": answer}]
-
-
-def parse_prompt(row: Any) -> PromptRow:
-    if not isinstance(row, dict):
-        raise Llama2MLXError(f"expected a JSON object, got {type(row).__name__}")
-    if ("prompt" in row) == ("messages" in row):
-        raise Llama2MLXError('a prompt row needs exactly one of "prompt" or "messages"')
-    prompt = row.get("prompt", row.get("messages"))
-    if isinstance(prompt, str) and not prompt.strip():
-        raise Llama2MLXError("'prompt' is empty")
-    if not isinstance(prompt, str | list) or not prompt:
-        raise Llama2MLXError("'prompt' must be a string, 'messages' a non-empty list")
-    if not isinstance(row.get("safety", False), bool):
-        raise Llama2MLXError("'safety' must be true or false")
-    return PromptRow(prompt, row.get("safety", False))
-
-
-def read_prompts(path: Path, tokenizer, max_seq_len: int, max_tokens: int, skip_bad_lines: bool = False):
-    """Prompt rows of a .jsonl file, each checked against the chat format and the context (file:line errors)."""
-    from llama2_mlx.data import DataReport, read_rows
-    from llama2_mlx.generation import encode_prompt
-
-    def parse(row: Any) -> PromptRow:
-        prompt = parse_prompt(row)
-        encode_prompt(tokenizer, prompt.messages, max_seq_len, max_tokens)  # role order, tags, fits the context
-        return prompt
-
-    return read_rows(path, parse, DataReport(), skip_bad_lines)
-
-
-# ---------------------------------------------------------------- rewards
-
-
-def combine_safety(helpful: float, safety: float, is_safety_prompt: bool, threshold: float = 0.15) -> float:
-    """The paper's rule: the safety score for a safety prompt or when sigmoid(safety) < threshold (the paper's
-    reward models output probabilities; ours output their logits), else the helpfulness score."""
-    return safety if is_safety_prompt or 1 / (1 + math.exp(-safety)) < threshold else helpful
-
-
-RewardFn = Callable[[Sequence[PromptRow], Sequence[str]], list[float]]
-
-
-def load_reward_fn(spec: str) -> Callable[[str, str], float]:
-    """Import `module:function` from the current directory or PYTHONPATH."""
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise Llama2MLXError(f"--reward-fn {spec!r}: expected module:function")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise Llama2MLXError(f"--reward-fn {spec!r}: cannot import it ({error})") from None
-    if not callable(function):
-        raise Llama2MLXError(f"--reward-fn {spec!r}: is not a function")
-    return function
-
-
-def function_rewards(function: Callable[[str, str], float], spec: str) -> RewardFn:
-    def score(prompts: Sequence[PromptRow], answers: Sequence[str]) -> list[float]:
-        rewards = []
-        for prompt, answer in zip(prompts, answers, strict=True):
-            value = function(prompt.text, answer)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise Llama2MLXError(f"--reward-fn {spec}: returned {value!r}, not a finite float")
-            rewards.append(float(value))
-        return rewards
-
-    return score
-
-
-def model_rewards(helpful, safety=None, threshold: float = 0.15, batch_size: int = 32) -> RewardFn:
-    """Rewards from a reward model, or from a helpfulness + safety pair combined by `combine_safety`."""
-
-    def score(prompts: Sequence[PromptRow], answers: Sequence[str]) -> list[float]:
-        dialogs = [p.prompt for p in prompts]
-        scores = helpful.score_batch(dialogs, answers, batch_size)
-        if safety is None:
-            return scores
-        safe = safety.score_batch(dialogs, answers, batch_size)
-        return [
-            combine_safety(h, s, p.safety, threshold) for h, s, p in zip(scores, safe, prompts, strict=True)
-        ]
-
-    return score
 
 
 # ---------------------------------------------------------------- statistics
@@ -354,7 +225,7 @@ def run_rejection_sampling(
     policy, tokenizer = load(model_path, adapter=config.adapter)
     prompts = read_prompts(Path(config.data), tokenizer, policy.args.max_seq_len, config.max_tokens,
                            config.skip_bad_lines)  # fmt: skip
-    rewards = _reward_source(config, model_path, policy, tokenizer, prompts)
+    rewards = reward_source(config, model_path, policy, tokenizer, prompts, say)
     if not config.resume:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
@@ -376,28 +247,6 @@ def run_rejection_sampling(
         result.summaries.append(summary)
         _append_report(out, summary)
     return result
-
-
-def _reward_source(config: RejectionConfig, model_path: Path, policy, tokenizer, prompts) -> RewardFn:
-    """The reward function of the run, checked now: it imports, returns floats, and shares the policy's tokenizer."""
-    if config.reward_fn is not None:
-        score = function_rewards(load_reward_fn(config.reward_fn), config.reward_fn)
-        score(prompts[:1], [""])  # fails now, before any sampling, if it does not return a float
-        return score
-    from llama2_mlx.reward_model import BaseCache, load_reward_model, same_tokenizer
-
-    bases = BaseCache()
-    bases.add(model_path, policy)  # an RM trained on the policy's base shares its weights
-    models = [load_reward_model(config.reward_model, bases=bases)]
-    if config.safety_reward_model is not None:
-        models.append(load_reward_model(config.safety_reward_model, bases=bases))
-    for rm in models:
-        if not same_tokenizer(rm.tokenizer, tokenizer):
-            raise Llama2MLXError(
-                f"{rm.path}: the reward model's tokenizer differs from the policy's ({model_path})"
-            )
-    return model_rewards(models[0], models[1] if len(models) > 1 else None, config.safety_threshold,
-                         config.score_batch)  # fmt: skip
 
 
 def sample_answers(

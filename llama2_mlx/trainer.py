@@ -1,6 +1,8 @@
 """The one training loop: SFT, pretraining, the reward model and rejection sampling all plug into `train`.
 
-A job brings three things: a loss function `loss_fn(model, *batch.inputs) -> (loss_sum, weight)`, a batch source
+A job brings three things: a loss function `loss_fn(model, *batch.inputs) -> (loss_sum, weight)` (optionally a third
+output, a dict of named metrics as (sum, count) pairs that reports show as sum / count, e.g. PPO's clip fraction),
+a batch source
 `batches(start) -> iterator of Batch` that can restart at any micro-batch index (that index is the resumable data
 position), and a `TrainConfig`. The loss is returned as a SUM with its weight (e.g. the number of trained tokens)
 so that the step's loss is sum / weight over the whole accumulated and all-reduced batch: packing, gradient
@@ -169,7 +171,7 @@ def train(
                 batch = next(data, None)
                 if batch is None:
                     break
-                loss, weight = step_fn(batch.inputs)
+                loss, weight, aux = step_fn(batch.inputs)
                 tokens += batch.tokens
             else:
                 accumulated = None
@@ -182,8 +184,8 @@ def train(
                     mx.eval(accumulated)
                 if batch is None:
                     break
-                loss, weight = apply_fn(accumulated)
-            mx.eval(loss, weight, model.state, optimizer.state)
+                loss, weight, aux = apply_fn(accumulated)
+            mx.eval(loss, weight, aux, model.state, optimizer.state)
             step += 1
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -195,7 +197,7 @@ def train(
                 raise Llama2MLXError(
                     f"training stopped: the loss became {loss_value} at step {step}; {kept} (try a lower --lr)"
                 )
-            window.add(loss_value, tokens, time.perf_counter() - tic)
+            window.add(loss_value, tokens, time.perf_counter() - tic, aux)
             result.step, result.train_loss = step, loss_value
             if step % config.report_every == 0 or step == config.iters:
                 report(window.record(step, optimizer, world))
@@ -228,20 +230,22 @@ def _compile_steps(
     value_and_grad = nn.value_and_grad(model, loss_fn)
     size = world.size()
 
-    def apply(grads, total, weight):
+    def apply(grads, total, weight, aux):
         if size > 1:
             # average_gradients divides by the size; multiply back to get the sum over ranks
             grads = tree_map(lambda g: g * size, average_gradients(grads))
             total, weight = mx.distributed.all_sum(total), mx.distributed.all_sum(weight)
+            aux = tree_map(mx.distributed.all_sum, aux)
         grads = tree_map(lambda g: g / weight, grads)
         if clip_norm:
             grads, _ = optim.clip_grad_norm(grads, clip_norm)
         optimizer.update(model, grads)
-        return total / weight, weight
+        return total / weight, weight, aux
 
     def forward(inputs):
-        (total, weight), grads = value_and_grad(model, *inputs)
-        return grads, total.astype(mx.float32), weight.astype(mx.float32)
+        outputs, grads = value_and_grad(model, *inputs)
+        aux = tree_map(lambda a: a.astype(mx.float32), outputs[2]) if len(outputs) > 2 else {}
+        return grads, outputs[0].astype(mx.float32), outputs[1].astype(mx.float32), aux
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs):
@@ -249,11 +253,8 @@ def _compile_steps(
 
     @partial(mx.compile, inputs=state, outputs=state)
     def accumulate(inputs, accumulated):
-        grads, total, weight = forward(inputs)
-        if accumulated is None:
-            return grads, total, weight
-        old_grads, old_total, old_weight = accumulated
-        return tree_map(mx.add, grads, old_grads), total + old_total, weight + old_weight
+        step = forward(inputs)
+        return step if accumulated is None else tree_map(mx.add, step, accumulated)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def apply_accumulated(accumulated):
@@ -265,7 +266,7 @@ def _compile_steps(
 def _compile_eval(model: nn.Module, loss_fn: LossFn):
     @partial(mx.compile, inputs=[model.state])
     def evaluate(inputs):
-        total, weight = loss_fn(model, *inputs)
+        total, weight = loss_fn(model, *inputs)[:2]
         return total.astype(mx.float32), weight.astype(mx.float32)
 
     return evaluate
@@ -301,15 +302,20 @@ class _Window:
         self.losses: list[float] = []
         self.tokens = 0
         self.seconds = 0.0
+        self.aux: dict[str, list[float]] = {}  # name -> [sum, count] of the loss function's metrics
 
     @property
     def steps(self) -> int:
         return len(self.losses)
 
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
+    def add(self, loss: float, tokens: int, seconds: float, aux: dict | None = None) -> None:
         self.losses.append(loss)
         self.tokens += tokens
         self.seconds += seconds
+        for name, (total, count) in (aux or {}).items():
+            sums = self.aux.setdefault(name, [0.0, 0.0])
+            sums[0] += total.item()
+            sums[1] += count.item()
 
     def record(self, step: int, optimizer: optim.Optimizer, world) -> dict[str, Any]:
         tokens = self.tokens
@@ -323,6 +329,7 @@ class _Window:
             "tokens_per_sec": tokens / self.seconds if self.seconds else 0.0,
             "trained_tokens": self.trained_tokens,
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            **{name: total / count for name, (total, count) in self.aux.items() if count},
         }
         self.reset()
         return record

@@ -19,11 +19,11 @@ from llama2_mlx.loading import demo_model_path
 from llama2_mlx.rejection_sampling import (
     Sample,
     best_of_n_curve,
-    combine_safety,
     expected_order_statistic,
     iteration_stats,
     select_best,
 )
+from llama2_mlx.rewards import combine_safety
 from llama2_mlx.trainer import MetricsFile
 from llama2_mlx.world.skills import draw_task
 
@@ -199,7 +199,7 @@ def test_reward_model_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir
 
 
 def test_reward_fn_must_be_module_colon_function():
-    from llama2_mlx.rejection_sampling import load_reward_fn
+    from llama2_mlx.rewards import load_reward_fn
 
     with pytest.raises(Llama2MLXError, match="expected module:function"):
         load_reward_fn("llama2_mlx.world.verifier")

@@ -1,4 +1,4 @@
-"""RLHF commands: `rejection-sample` (the paper's iterative rejection-sampling fine-tuning)."""
+"""RLHF commands: `rejection-sample` (the paper's iterative rejection-sampling fine-tuning), `dpo`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from llama2_mlx.cli.dataclass_options import build_config, dataclass_options
-from llama2_mlx.cli.train import announce
+from llama2_mlx.cli.train import announce, finish_training
+from llama2_mlx.dpo import DPOConfig
 from llama2_mlx.rejection_sampling import RejectionConfig
 
 
@@ -43,4 +44,23 @@ def rejection_sample(ctx: click.Context, model: str | None, config_file: Path | 
                f"{out / 'report.md'}")  # fmt: skip
 
 
-COMMANDS: list[click.Command] = [rejection_sample]
+@click.command("dpo")
+@click.argument("model", required=False)
+@dataclass_options(DPOConfig, skip=("model",))
+@click.pass_context
+def dpo(ctx: click.Context, model: str | None, config_file: Path | None, **_: object) -> None:
+    """Direct preference optimisation of MODEL (default: the demo model) on preference pairs (--data, the rows of
+    train-rm; a rating is optional). The reference is the starting policy (MODEL, or MODEL + --adapter): its
+    log-probabilities are computed once before training, so no second model is held, not even with --full.
+    Validation reports DPO's implicit reward accuracy and margin."""
+    from llama2_mlx.dpo import run_dpo
+
+    config = build_config(DPOConfig, ctx, config_file, extra={"model": model})
+    result, _, metrics = run_dpo(config, announce=announce)
+    if metrics is not None and result.status == "finished":
+        click.echo(f"validation: reward accuracy {metrics['val_accuracy']:.3f}, "
+                   f"mean reward margin {metrics['val_reward_margin']:+.4f}")  # fmt: skip
+    finish_training(result, Path(config.out), "the model folder" if config.full else "the adapter")
+
+
+COMMANDS: list[click.Command] = [rejection_sample, dpo]
