@@ -1,4 +1,4 @@
-"""RLHF commands: `rejection-sample` (the paper's iterative rejection-sampling fine-tuning), `dpo`."""
+"""RLHF commands: `rejection-sample` (the paper's iterative rejection-sampling fine-tuning), `dpo`, `ppo`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 from llama2_mlx.cli.dataclass_options import build_config, dataclass_options
 from llama2_mlx.cli.train import announce, finish_training
 from llama2_mlx.dpo import DPOConfig
+from llama2_mlx.ppo import UNUSED_FLAGS, PPOConfig
 from llama2_mlx.rejection_sampling import RejectionConfig
 
 
@@ -63,4 +64,25 @@ def dpo(ctx: click.Context, model: str | None, config_file: Path | None, **_: ob
     finish_training(result, Path(config.out), "the model folder" if config.full else "the adapter")
 
 
-COMMANDS: list[click.Command] = [rejection_sample, dpo]
+@click.command("ppo")
+@click.argument("model", required=False)
+@dataclass_options(PPOConfig, skip=("model", *UNUSED_FLAGS))
+@click.pass_context
+def ppo(ctx: click.Context, model: str | None, config_file: Path | None, **_: object) -> None:
+    """PPO of MODEL (default: the demo model) against a reward model (or --reward-fn), as in the paper: reward
+    WHITEN(LOGIT(Rc)) minus kl_coef x KL to the reference per token, GAE, the clipped objective and a value loss.
+    One base holds everything: the policy is a LoRA adapter (continuing --adapter), the reference is the same base
+    with the starting adapter, the reward model shares the base when it was trained on it, and the value function
+    is a head on the policy's hidden state. metrics.jsonl has reward, kl, value_loss and clip_fraction per step."""
+    from llama2_mlx.ppo import run_ppo, summary
+
+    config = build_config(PPOConfig, ctx, config_file, extra={"model": model})
+    result = run_ppo(config, announce=announce)
+    numbers = summary(result.history)
+    if numbers:
+        click.echo(f"mean reward {numbers['first_reward']:+.4f} (first step) -> {numbers['last_reward']:+.4f} (last), "
+                   f"KL {numbers['last_kl']:.4f}")  # fmt: skip
+    finish_training(result, Path(config.out), "the model folder" if config.full else "the policy adapter")
+
+
+COMMANDS: list[click.Command] = [rejection_sample, dpo, ppo]
