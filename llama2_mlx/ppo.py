@@ -258,12 +258,11 @@ class RolloutSource:
         )  # fmt: skip
         answers = [a[0] for a in answers]
         texts = [self.tokenizer.decode(a).strip() for a in answers]
-        scores = np.array(self.rewards(prompts, texts), dtype=np.float32)
-        rows = []
-        for prompt, answer in zip(prompts, answers, strict=True):
-            ids = self.tokenizer.encode_dialog(prompt.messages)
-            finished = len(answer) < config.max_tokens
-            rows.append((ids, answer + ([self.tokenizer.eos_id] if finished else [])))
+        answers = [
+            a + [self.tokenizer.eos_id] * (len(a) < config.max_tokens) for a in answers
+        ]  # EOS if finished
+        scores = np.array(self.rewards(prompts, texts, answers), dtype=np.float32)
+        rows = [(self.tokenizer.encode_dialog(p.messages), a) for p, a in zip(prompts, answers, strict=True)]
         buffer = self._evaluate(rows, scores)
         network.train()
         if self.out is not None:

@@ -137,9 +137,12 @@ class Sample:
 
 
 def select_best(pool: Sequence[Sample], n_prompts: int) -> list[Sample]:
-    """The highest-reward sample of each prompt (ties: the earliest), prompts without samples left out."""
+    """The highest-reward sample of each prompt (ties: the earliest); empty answers are never selected (there is
+    nothing to train on), and prompts without a usable sample are left out."""
     best: dict[int, Sample] = {}
     for sample in pool:
+        if not sample.answer:
+            continue
         if sample.prompt not in best or sample.reward > best[sample.prompt].reward:
             best[sample.prompt] = sample
     return [best[i] for i in range(n_prompts) if i in best]
@@ -252,13 +255,13 @@ def run_rejection_sampling(
 def sample_answers(
     policy, tokenizer, prompts: Sequence[PromptRow], config: RejectionConfig, iteration: int,
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[Sample], int]:  # fmt: skip
+) -> tuple[list[Sample], list[list[int]], int]:  # fmt: skip
     """K answers per prompt at each temperature, `sample_batch` prompts x K rows per batched generation.
 
-    Returns (samples without rewards, sampled tokens)."""
+    Returns (samples without rewards, their token ids with EOS when finished, sampled tokens)."""
     from llama2_mlx.generation import generate_batch_ids
 
-    samples, tokens = [], 0
+    samples, answer_ids, tokens = [], [], 0
     for start in range(0, len(prompts), config.sample_batch):
         chunk = prompts[start : start + config.sample_batch]
         for t_index, temperature in enumerate(config.temperatures):
@@ -270,11 +273,13 @@ def sample_answers(
             tokens += stats.generation_tokens
             for offset, answers in enumerate(ids):
                 for answer in answers:
+                    finished = len(answer) < config.max_tokens
                     samples.append(Sample(start + offset, tokenizer.decode(answer).strip(), 0.0, temperature,
-                                          iteration, len(answer) < config.max_tokens))  # fmt: skip
+                                          iteration, finished))  # fmt: skip
+                    answer_ids.append(answer + [tokenizer.eos_id] * finished)
         if progress is not None:
             progress(len(chunk))
-    return samples, tokens
+    return samples, answer_ids, tokens
 
 
 def _run_iteration(config, iteration, model_path, policy, tokenizer, prompts, rewards, pool, say):
@@ -296,15 +301,19 @@ def _run_iteration(config, iteration, model_path, policy, tokenizer, prompts, re
                 f"iteration {iteration}: sampled {done[0]}/{len(prompts)} prompts x {config.k * len(config.temperatures)}"
             )
 
-        samples, tokens = sample_answers(policy, tokenizer, prompts, config, iteration, progress)
+        samples, answer_ids, tokens = sample_answers(policy, tokenizer, prompts, config, iteration, progress)
         sampling = time.perf_counter() - clock
         clock = time.perf_counter()
-        scores = rewards([prompts[s.prompt] for s in samples], [s.answer for s in samples])
+        scores = rewards([prompts[s.prompt] for s in samples], [s.answer for s in samples], answer_ids)
         for sample, reward in zip(samples, scores, strict=True):
             sample.reward = reward
         scoring = time.perf_counter() - clock
         pool.extend(samples)
         selected = select_best(pool if config.pool == "all" else samples, len(prompts))
+        if not selected:
+            raise Llama2MLXError(
+                f"iteration {iteration}: every sampled answer is empty; nothing to fine-tune on"
+            )
         _write_jsonl(
             tmp / "samples.jsonl", [{"prompt_index": s.prompt, **s.record(prompts)} for s in samples]
         )

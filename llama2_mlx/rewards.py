@@ -54,7 +54,8 @@ def combine_safety(helpful: float, safety: float, is_safety_prompt: bool, thresh
     return safety if is_safety_prompt or 1 / (1 + math.exp(-safety)) < threshold else helpful
 
 
-RewardFn = Callable[[Sequence[PromptRow], Sequence[str]], list[float]]
+# (prompts, answer texts, answer token ids as sampled, EOS included when the answer finished) -> rewards
+RewardFn = Callable[[Sequence[PromptRow], Sequence[str], Sequence[Sequence[int]]], list[float]]
 
 
 def load_reward_fn(spec: str) -> Callable[[str, str], float]:
@@ -74,7 +75,9 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
 
 
 def function_rewards(function: Callable[[str, str], float], spec: str) -> RewardFn:
-    def score(prompts: Sequence[PromptRow], answers: Sequence[str]) -> list[float]:
+    def score(
+        prompts: Sequence[PromptRow], answers: Sequence[str], ids: Sequence[Sequence[int]]
+    ) -> list[float]:
         rewards = []
         for prompt, answer in zip(prompts, answers, strict=True):
             value = function(prompt.text, answer)
@@ -87,14 +90,21 @@ def function_rewards(function: Callable[[str, str], float], spec: str) -> Reward
 
 
 def model_rewards(helpful, safety=None, threshold: float = 0.15, batch_size: int = 32) -> RewardFn:
-    """Rewards from a reward model, or from a helpfulness + safety pair combined by `combine_safety`."""
+    """Rewards from a reward model, or from a helpfulness + safety pair combined by `combine_safety`.
 
-    def score(prompts: Sequence[PromptRow], answers: Sequence[str]) -> list[float]:
-        dialogs = [p.prompt for p in prompts]
-        scores = helpful.score_batch(dialogs, answers, batch_size)
+    The reward models read the sampled token ids after the prompt in the chat format (they share the policy's
+    tokenizer), not a re-encoding of the decoded text, which can differ and outgrow the context."""
+
+    def score(
+        prompts: Sequence[PromptRow], answers: Sequence[str], ids: Sequence[Sequence[int]]
+    ) -> list[float]:
+        rows = [
+            helpful.tokenizer.encode_dialog(p.messages) + list(a) for p, a in zip(prompts, ids, strict=True)
+        ]
+        scores = helpful.score_batch_ids(rows, batch_size)
         if safety is None:
             return scores
-        safe = safety.score_batch(dialogs, answers, batch_size)
+        safe = safety.score_batch_ids(rows, batch_size)
         return [
             combine_safety(h, s, p.safety, threshold) for h, s, p in zip(scores, safe, prompts, strict=True)
         ]
@@ -108,7 +118,7 @@ def reward_source(
     """The reward function of the run, checked now: it imports, returns floats, and shares the policy's tokenizer."""
     if flags.reward_fn is not None:
         score = function_rewards(load_reward_fn(flags.reward_fn), flags.reward_fn)
-        score(prompts[:1], [""])  # fails now, before any sampling, if it does not return a float
+        score(prompts[:1], [""], [[]])  # fails now, before any sampling, if it does not return a float
         return score
     from llama2_mlx.reward_model import BaseCache, load_reward_model, same_tokenizer
 

@@ -41,6 +41,8 @@ def test_pool_all_keeps_the_best_of_every_iteration_and_latest_only_the_last():
     best_latest = select_best(second, 2)
     assert [(s.prompt, s.reward, s.iteration) for s in best_latest] == [(0, 0.5, 2), (1, 0.8, 2)]
     assert select_best([sample(1, 0.3, 1)], 3)[0].prompt == 1  # prompts without samples are left out
+    empty = Sample(0, "", 5.0, 1.0, 1, True)
+    assert select_best([empty, sample(0, 0.1, 1)], 1)[0].reward == 0.1  # an empty answer is never selected
 
 
 def test_safety_rule_on_hand_made_scores():

@@ -100,4 +100,39 @@ def eval_command(model: Path | None, prompts: Path | None, seed: int | None, max
         write_text_atomic(json_out, json.dumps(report.to_json(), indent=2) + "\n")
 
 
-COMMANDS: list[click.Command] = [world, train_tokenizer, eval_command]
+@click.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs/recipe"),
+    show_default=True,
+    help="Folder for every stage's output and report.md.",
+)
+@click.option("--quick", is_flag=True, help="Smaller sizes: about ten minutes on 2 CPU cores with OpenBLAS.")
+@click.option(
+    "--size",
+    type=click.Choice(["tiny", "quick", "full"]),
+    default=None,
+    help="Sizes by name (tiny: a smoke test in about a minute); --quick is --size quick.",
+)
+@click.option(
+    "--from-stage",
+    type=click.Choice(["pretrain", "sft", "reward", "rejection", "gatt", "dpo"]),
+    default=None,
+    help="Rerun from this stage, using the earlier stages' folders in --out.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the world and every stage.")
+def demo(out: Path, quick: bool, size: str | None, from_stage: str | None, seed: int) -> None:
+    """The Llama 2 recipe in miniature, from nothing, on the synthetic world: pretraining -> SFT -> reward models
+    (margin none vs large) -> rejection sampling -> Ghost Attention -> DPO, each stage's tables printed and
+    appended to OUT/report.md, plots beside it."""  # fmt: skip
+    from llama2_mlx.demo import run_demo
+
+    if quick and size not in (None, "quick"):
+        raise click.UsageError("--quick is --size quick; give one of them")
+    report = run_demo(out, quick=quick, from_stage=from_stage, seed=seed, size=size,
+                      say=lambda line: click.echo(line, err=True))  # fmt: skip
+    click.echo(f"done: the report is {report}")
+
+
+COMMANDS: list[click.Command] = [world, train_tokenizer, eval_command, demo]
