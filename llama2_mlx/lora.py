@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from llama2_mlx.checkpoints.safetensors_file import load_safetensors
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json, save_safetensors_atomic, write_text_atomic
 
@@ -168,7 +169,7 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         raise Llama2MLXError(f"{path}: missing; the adapter folder holds no trained weights yet")
-    weights = mx.load(str(path))
+    weights = load_safetensors(path, ("float32", "float16", "bfloat16"))
     expected = lora_parameters(model)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -214,12 +215,15 @@ def fuse_adapter(
     force: bool = False,
 ) -> Path:
     """base model folder + adapter folder -> a new model folder with the adapter merged into the weights."""
-    from llama2_mlx.model_folder import load_model, save_model
+    from llama2_mlx.destination import atomic_folder
+    from llama2_mlx.model_folder import load_model, write_model_folder
 
-    model = load_model(model_path)
-    apply_adapter(model, adapter_dir)
-    fuse(model, dequantize=dequantize)
-    return save_model(model, out, tokenizer_dir=model_path, force=force)
+    with atomic_folder(out, force=force, inputs=[model_path, adapter_dir]) as tmp:  # claimed before the work
+        model = load_model(model_path)
+        apply_adapter(model, adapter_dir)
+        fuse(model, dequantize=dequantize)
+        write_model_folder(model, tmp, tokenizer_dir=model_path)
+    return Path(out)
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:

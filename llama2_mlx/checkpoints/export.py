@@ -12,8 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.model_folder import atomic_folder, copy_tokenizer, read_config, read_weights, write_config
+from llama2_mlx.model_folder import copy_tokenizer, read_config, read_weights, write_config
 from llama2_mlx.shard_writer import Entry, ShardWriter
 
 FORMATS = ("hf",)
@@ -37,7 +38,7 @@ def export(
         for name in sorted(weights)
         if _kept(name, quantized)
     ]
-    with atomic_folder(dst, force=force) as tmp:
+    with atomic_folder(dst, force=force, inputs=[folder]) as tmp:
         with ShardWriter(tmp, [[entry] for entry in outputs]) as writer:
             for name, _, _ in outputs:
                 stem = name.rsplit(".", 1)[0]
