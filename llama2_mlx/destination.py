@@ -106,7 +106,7 @@ def clean_stale_temporaries(path: Path) -> None:
         if sibling.name.endswith(".old") and not os.path.lexists(path):
             os.rename(sibling, path)
         elif sibling.name.endswith((".tmp", ".old")):
-            _remove(sibling)
+            remove(sibling)
 
 
 def temporary_sibling(path: Path, folder: bool) -> Path:
@@ -121,12 +121,12 @@ def publish(tmp: Path, path: Path, replace: bool) -> None:
     """Move the finished `tmp` to `path` in one rename: no-replace unless `replace`, then an atomic exchange."""
     if replace and os.path.lexists(path):
         if _rename2(tmp, path, _EXCHANGE):
-            _remove(tmp)  # tmp now holds the old destination
+            remove(tmp)  # tmp now holds the old destination
             return
         old = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
         os.rename(path, old)  # fallback: a crash here is repaired by the next claim's clean_stale_temporaries
         os.rename(tmp, path)
-        _remove(old)
+        remove(old)
         return
     try:
         if _rename2(tmp, path, _NOREPLACE):
@@ -161,7 +161,7 @@ def atomic_destination(
             yield tmp
             publish(tmp, final, replace=force)
         except BaseException:
-            _remove(tmp)
+            remove(tmp)
             raise
 
 
@@ -175,7 +175,8 @@ def atomic_file(path: str | os.PathLike, force: bool = False, inputs: Iterable =
     return atomic_destination(path, force=force, folder=False, inputs=inputs)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree; a missing one is fine."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -61,16 +61,16 @@ def save_safetensors_atomic(path: Path, arrays: dict[str, mx.array]) -> None:
 def write_model_files(model, folder: Path, tokenizer_dir: Path | None = None) -> None:
     """Write a model folder's files (config, weights, tokenizer) into an existing run folder, each file atomically.
 
-    A run folder also holds metrics.jsonl and checkpoint/, so `model_folder.save_model` (which replaces a whole
-    folder) writes to a temporary sibling whose files are then renamed in.
+    A run folder also holds metrics.jsonl and checkpoint/, so the files are written to a hidden temporary folder
+    inside it (cleaned by the next `run_folder.claim_run_folder` if a crash leaves it) and then renamed in.
     """
-    import shutil
+    from llama2_mlx.destination import remove, temporary_sibling
+    from llama2_mlx.model_folder import write_model_folder
 
-    from llama2_mlx.model_folder import save_model
-
-    tmp = folder / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer_dir=tokenizer_dir)
-    for path in tmp.iterdir():
-        os.replace(path, folder / path.name)
-    tmp.rmdir()
+    tmp = temporary_sibling(folder / "model", folder=True)
+    try:
+        write_model_folder(model, tmp, tokenizer_dir=tokenizer_dir)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(path, folder / path.name)
+    finally:
+        remove(tmp)

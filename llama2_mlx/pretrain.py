@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -60,7 +61,16 @@ class PretrainConfig:
     )
     report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --out."})
+    force: bool = field(
+        default=False, metadata={"help": "Start over in a non-empty --out (its contents are deleted)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+
+
+# Fields whose change makes a checkpoint mean something else: --resume refuses them (run_folder.claim_run_folder).
+PRETRAIN_MEANING_FIELDS = ("config", "data", "valid", "tokenizer", "data_fingerprint", "valid_fraction", "lr",
+                           "warmup", "weight_decay", "clip_norm", "batch_size", "seq_len", "grad_accum", "init_std",
+                           "seed")  # fmt: skip
 
 
 def model_args_for(spec: str, vocab_size: int):
@@ -133,10 +143,11 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     from mlx.utils import tree_flatten
 
     from llama2_mlx.data import Batcher
-    from llama2_mlx.fileio import write_model_files, write_text_atomic
+    from llama2_mlx.fileio import write_model_files
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.model import Llama
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
+    from llama2_mlx.run_folder import claim_run_folder, fingerprint
     from llama2_mlx.tokenizer import Tokenizer
     from llama2_mlx.trainer import Callback, TrainConfig, train
 
@@ -172,20 +183,36 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     )
 
     train_config = TrainConfig.from_job(config, len(batches))
-    if announce is not None and world.rank() == 0:
-        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-        announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
-                 f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
     warmup = config.warmup if config.warmup is not None else min(PAPER_WARMUP, train_config.iters // 10)
     optimizer = make_optimizer(OptimizerConfig.from_job(config, warmup=warmup), train_config.iters)
     out = Path(config.out)
     tokenizer_dir = tokenizer_path.parent
+    if announce is not None and world.rank() == 0:
+        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
+                 f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
 
-    class SaveModel(Callback):
-        def on_checkpoint(self, step: int, folder: Path) -> None:
-            write_model_files(model, out, tokenizer_dir=tokenizer_dir)
+    recorded = {**asdict(config), "data_fingerprint": fingerprint(config.data, config.valid, tokenizer_path)}
+    claim = (
+        claim_run_folder(
+            out,
+            "pretrain",
+            recorded,
+            config.resume,
+            config.force,
+            PRETRAIN_MEANING_FIELDS,
+            inputs=[config.data, config.valid, tokenizer_path, Path(config.config)],
+        )  # fmt: skip
+        if world.rank() == 0
+        else nullcontext()
+    )
+    with claim as run:  # every check above has passed: from here on the folder is ours
 
-    if world.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "pretrain_config.json", json.dumps(asdict(config), indent=2) + "\n")
-    return train(model, optimizer, next_token_loss, batches, train_config, val_batches, [SaveModel()])
+        class SaveModel(Callback):
+            def on_checkpoint(self, step: int, folder: Path) -> None:
+                write_model_files(model, out, tokenizer_dir=tokenizer_dir)
+
+        callbacks = [run.callback] if run is not None else []
+        return train(
+            model, optimizer, next_token_loss, batches, train_config, val_batches, [*callbacks, SaveModel()]
+        )
