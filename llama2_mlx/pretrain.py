@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+from llama2_mlx.config_fields import SEED_RANGE, validate_fields
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import jsonl_records
 
@@ -37,34 +38,57 @@ class PretrainConfig:
         default=None, metadata={"help": "Validation corpus (default: --valid-fraction)."}
     )
     valid_fraction: float = field(
-        default=0.01, metadata={"help": "Fraction of rows held out without --valid."}
+        default=0.01, metadata={"min": 0, "max": 0.99, "help": "Fraction of rows held out without --valid."}
     )
-    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate (paper: 3e-4 for 7B/13B)."})
+    lr: float = field(
+        default=3e-4, metadata={"above": 0, "help": "Peak learning rate (paper: 3e-4 for 7B/13B)."}
+    )
     warmup: int | None = field(
         default=None,
-        metadata={"help": "Warmup steps (default: the paper's 2000, or 10% of --iters if fewer)."},
+        metadata={"min": 0, "help": "Warmup steps (default: the paper's 2000, or 10% of --iters if fewer)."},
     )
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    clip_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: off)."})
-    batch_size: int = field(default=32, metadata={"help": "Rows per optimizer step, all processes together."})
-    seq_len: int = field(default=4096, metadata={"help": "Tokens per row (and the model's context)."})
-    iters: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the corpus when --iters is not set."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    weight_decay: float = field(default=0.1, metadata={"min": 0, "help": "AdamW weight decay."})
+    clip_norm: float = field(
+        default=1.0, metadata={"min": 0, "help": "Clip gradients to this global norm (0: off)."}
+    )
+    batch_size: int = field(
+        default=32, metadata={"min": 1, "help": "Rows per optimizer step, all processes together."}
+    )
+    seq_len: int = field(
+        default=4096, metadata={"min": 2, "help": "Tokens per row (and the model's context)."}
+    )
+    iters: int | None = field(
+        default=None, metadata={"min": 1, "help": "Optimizer steps (default: from --epochs)."}
+    )
+    epochs: float = field(
+        default=1.0, metadata={"above": 0, "help": "Passes over the corpus when --iters is not set."}
+    )
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "Micro-batches per optimizer step."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
-    init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation of weights."})
-    seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and the valid split."})
-    save_every: int = field(default=500, metadata={"help": "Checkpoint (and model folder) every N steps."})
-    eval_every: int = field(default=200, metadata={"help": "Validation loss every N steps (and at the end)."})
-    val_batches: int = field(
-        default=0, metadata={"help": "Validation batches per evaluation (0: all of them)."}
+    init_std: float = field(
+        default=0.02, metadata={"above": 0, "help": "Std of the normal initialisation of weights."}
     )
-    report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
+    seed: int = field(
+        default=0, metadata={**SEED_RANGE, "help": "Seed for initialisation, shuffling and the valid split."}
+    )
+    save_every: int = field(
+        default=500, metadata={"min": 0, "help": "Checkpoint (and model folder) every N steps."}
+    )
+    eval_every: int = field(
+        default=200, metadata={"min": 0, "help": "Validation loss every N steps (and at the end)."}
+    )
+    val_batches: int = field(
+        default=0, metadata={"min": 0, "help": "Validation batches per evaluation (0: all of them)."}
+    )
+    report_every: int = field(default=10, metadata={"min": 1, "help": "Training loss report every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --out."})
     force: bool = field(
         default=False, metadata={"help": "Start over in a non-empty --out (its contents are deleted)."}
     )
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 # Fields whose change makes a checkpoint mean something else: --resume refuses them (run_folder.claim_run_folder).
