@@ -211,10 +211,6 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     optimizer = make_optimizer(OptimizerConfig.from_job(config, warmup=warmup), train_config.iters)
     out = Path(config.out)
     tokenizer_dir = tokenizer_path.parent
-    if announce is not None and world.rank() == 0:
-        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-        announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
-                 f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
 
     recorded = {**asdict(config), "data_fingerprint": fingerprint(config.data, config.valid, tokenizer_path)}
     claim = (
@@ -231,6 +227,10 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
         else nullcontext()
     )
     with claim as run:  # every check above has passed: from here on the folder is ours
+        if announce is not None and world.rank() == 0:
+            n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+            announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
+                     f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
 
         class SaveModel(Callback):
             def on_checkpoint(self, step: int, folder: Path) -> None:
