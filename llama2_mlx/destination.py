@@ -40,6 +40,9 @@ class DestinationLock:
         self.fd: int | None = None
 
     def acquire(self) -> DestinationLock:
+        for parent in self.path.parents:  # mkdir would say "File exists" for a file where a folder should be
+            if os.path.lexists(parent) and not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
