@@ -62,6 +62,25 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
+QUANTIZATION = {"group_size": (32, 64, 128), "bits": (2, 3, 4, 6, 8)}
+
+
+def read_quantization(config: dict, source: str) -> dict | None:
+    """config.json's "quantization" entry (mlx-lm's), checked: None, or {"group_size": 32|64|128, "bits": ...}."""
+    entry = config.get("quantization")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise Llama2MLXError(f"{source}: 'quantization' must be an object, got {entry!r:.60}")
+    for key, allowed in QUANTIZATION.items():
+        value = entry.get(key)
+        if isinstance(value, bool) or value not in allowed:
+            raise Llama2MLXError(
+                f"{source}: 'quantization.{key}' must be one of {', '.join(map(str, allowed))}, got {value!r:.60}"
+            )
+    return {key: entry[key] for key in QUANTIZATION}
+
+
 def build_model(args: ModelArgs, quantization: dict | None = None) -> Llama:
     """An uninitialised-weight model of this shape, quantized in mlx-lm's layout when `quantization` is given."""
     model = Llama(args)
@@ -97,7 +116,7 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: boo
     folder = Path(path)
     config = read_config(folder)
     args = ModelArgs.from_hf_config(config, source=str(folder / "config.json"))
-    quantization = config.get("quantization")
+    quantization = read_quantization(config, str(folder / "config.json"))
     model = build_model(args, quantization)
     weights = read_weights(folder)
     weights = {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}

@@ -96,6 +96,7 @@ def convert(
     with atomic_folder(dst, force=force, inputs=[src]) as tmp:
         checkpoint = open_checkpoint(src, verify)
         _check_tensors(checkpoint, _model_parameters(checkpoint, None))
+        _check_tokenizer(checkpoint)
         quantized = _model_parameters(checkpoint, quantization) if quantization else {}
         plan = {
             name: _outputs(name, tensor, target, quantized) for name, tensor in checkpoint.tensors.items()
@@ -187,6 +188,19 @@ def _check_tensors(checkpoint: Checkpoint, expected: dict[str, mx.array]) -> Non
                 f"{checkpoint.source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the config expects {tuple(expected[name].shape)}"
             )
+
+
+def _check_tokenizer(checkpoint: Checkpoint) -> None:
+    """A model folder without a (working, matching) tokenizer.model is one no command can use: refuse it now."""
+    from llama2_mlx.tokenizer import Tokenizer
+
+    if checkpoint.tokenizer_dir is None:
+        raise Llama2MLXError(
+            f"{checkpoint.source}: no tokenizer.model beside the weights (or in the folder above); put Llama 2's "
+            "tokenizer.model there"
+        )
+    tokenizer = Tokenizer(checkpoint.tokenizer_dir / "tokenizer.model")
+    tokenizer.check_vocab(checkpoint.args.vocab_size, f"the model's embedding ({checkpoint.source})")
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
