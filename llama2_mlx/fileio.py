@@ -23,25 +23,39 @@ def read_json(path: Path, needed_for: str) -> Any:
     if not path.is_file():
         raise Llama2MLXError(f"{path}: missing; {needed_for} needs {path.name}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """`(line number, text)` for each line of a text file, decoded one line at a time, so that a line which is not
+    UTF-8 is `(number, None)` (the caller names path:line, or skips it) instead of ending the whole read."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, None
 
 
 def jsonl_records(path: Path, not_found: str) -> Iterator[tuple[str, Any]]:
     """`("path:line", parsed JSON)` for each non-blank line of a JSON Lines file, so callers name the line in their
-    own errors; a missing file or a line that is not JSON is a `Llama2MLXError` naming it."""
+    own errors; a missing file or a line that is not UTF-8 JSON is a `Llama2MLXError` naming it."""
     if not path.is_file():
         raise Llama2MLXError(f"{path}: {not_found}")
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            yield f"{path}:{number}", row
+    for number, line in utf8_lines(path):
+        if line is None:
+            raise Llama2MLXError(f"{path}:{number}: not UTF-8 text")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise Llama2MLXError(
+                f"{path}:{number}: not valid JSON ({getattr(error, 'msg', error)})"
+            ) from None
+        yield f"{path}:{number}", row
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llama2_mlx.config_fields import SEED_RANGE, validate_fields
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.fileio import jsonl_records
+from llama2_mlx.fileio import jsonl_records, utf8_lines
 
 PAPER_WARMUP = 2000
 
@@ -120,8 +120,12 @@ def read_documents(path: Path) -> list[str]:
     else:
         if not path.is_file():
             raise Llama2MLXError(f"{path}: no such corpus file")
-        with path.open(encoding="utf-8") as file:
-            documents = [line.rstrip("\n") for line in file if line.strip()]
+        documents = []
+        for number, line in utf8_lines(path):
+            if line is None:
+                raise Llama2MLXError(f"{path}:{number}: not UTF-8 text")
+            if line.strip():
+                documents.append(line.rstrip("\n"))
     if not documents:
         raise Llama2MLXError(f"{path}: the corpus is empty")
     return documents

@@ -48,6 +48,10 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`; BOS/EOS are added as ids, never parsed from the text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from a command line or stdin (surrogate escapes)
+            raise Llama2MLXError("the text is not valid UTF-8") from None
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

@@ -19,7 +19,7 @@ from llama2_mlx.checkpoints.hf import meta_to_hf_rows
 from llama2_mlx.checkpoints.pth import LazyTensor, read_pth
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.fileio import read_json
+from llama2_mlx.fileio import read_json, utf8_lines
 from llama2_mlx.tokenizer import Tokenizer
 
 # Meta name (with the layer as N) -> (Hugging Face name, axis the shards are concatenated on; None = replicated)
@@ -84,7 +84,9 @@ def verify_checklist(folder: Path) -> None:
     checklist = folder / "checklist.chk"
     if not checklist.is_file():
         raise Llama2MLXError(f"{checklist}: missing; --verify needs Meta's checklist of md5 sums")
-    for number, line in enumerate(checklist.read_text().splitlines(), start=1):
+    for number, line in utf8_lines(checklist):
+        if line is None:
+            raise Llama2MLXError(f"{checklist}:{number}: not UTF-8 text")
         if not line.strip():
             continue
         fields = line.split()

@@ -82,9 +82,11 @@ def _read_yaml(path: Path, known: dict[str, type]) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise Llama2MLXError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise Llama2MLXError(f"{path}: not valid YAML ({error})") from None
+        raise Llama2MLXError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):
         raise Llama2MLXError(f"{path}: expected a mapping of option names to values")
     values = {}
