@@ -46,16 +46,22 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not isinstance(self.targets, list) or not all(isinstance(t, str) for t in self.targets):
+            raise Llama2MLXError(f"LoRA targets must be a list of names, got {self.targets!r:.60}")
+        for name in ("alpha", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise Llama2MLXError(f"LoRA {name} must be a finite number, got {value!r:.60}")
         unknown = [t for t in self.targets if t not in TARGET_MODULES]
         if unknown or not self.targets:
             raise Llama2MLXError(
                 f"LoRA targets {','.join(self.targets) or '(none)'}: choose from {','.join(TARGET_MODULES)}"
             )
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise Llama2MLXError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not 0 <= self.dropout < 1:
             raise Llama2MLXError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.layers is not None and self.layers <= 0:
+        if self.layers is not None and (not isinstance(self.layers, int) or self.layers <= 0):
             raise Llama2MLXError(f"LoRA layers must be a positive count (or all), got {self.layers}")
 
     @property
@@ -144,13 +150,15 @@ def write_adapter_config(folder: Path, config: LoRAConfig, n_layers: int, base_m
 def read_adapter_config(folder: Path) -> LoRAConfig:
     path = folder / ADAPTER_CONFIG
     data = read_json(path, "an adapter folder")
+    if not isinstance(data, dict):
+        raise Llama2MLXError(f"{path}: expected a JSON object")
     if data.get("fine_tune_type", "lora") != "lora":
         raise Llama2MLXError(f"{path}: fine_tune_type {data['fine_tune_type']!r} is not a LoRA adapter")
     try:
         return LoRAConfig(
             **{k: data[k] for k in ("rank", "alpha", "dropout", "targets", "layers") if k in data}
         )
-    except TypeError as error:
+    except (TypeError, Llama2MLXError) as error:
         raise Llama2MLXError(f"{path}: {error}") from None
 
 
