@@ -5,7 +5,8 @@ A job (sft, pretrain, train-rm, ...) validates its inputs first, then calls `cla
 - takes the folder's lock (`destination.DestinationLock`): a second run on the same --out gets one line naming the
   pid that holds it, and the lock dies with its process, so a killed run leaves no stale claim;
 - without --resume, accepts only a new or empty folder; --force starts over (the folder's contents are deleted);
-- with --resume, needs the job's `<job>_config.json` and a checkpoint, and refuses (one line naming them) any
+- with --resume, needs the job's `<job>_config.json` (without a checkpoint yet, i.e. killed before its first,
+  the run starts again at step 0), and refuses (one line naming them) any
   change to the fields the job lists as meaning-changing (they alter what the saved state means: LoRA rank, lr,
   data, ...); other changes (more --iters, report intervals, ...) are allowed and recorded in `resumes.jsonl`.
 It writes nothing itself: the returned `RunFolder.callback` writes `<job>_config.json` (and the resume record)
@@ -100,13 +101,14 @@ def claim_run_folder(
 def _check(out: Path, job: str, config: dict, resume: bool, force: bool, meaning: list[str]) -> dict:
     config_file = out / f"{job}_config.json"
     state_file = out / CHECKPOINT_DIR / "trainer_state.json"
+    visible = sorted(e.name for e in out.iterdir() if not e.name.startswith(".")) if out.is_dir() else []
     if resume:
+        if not visible:  # killed before it wrote anything: --resume starts the run
+            return {}
         if not config_file.is_file():
             raise Llama2MLXError(
                 f"{out}: not a {job} run folder (no {config_file.name}); nothing to --resume"
             )
-        if not state_file.is_file():
-            raise Llama2MLXError(f"{out}: no checkpoint to resume from ({state_file} missing)")
         saved = read_json(config_file, "--resume")
         if not isinstance(saved, dict):
             raise Llama2MLXError(f"{config_file}: expected a JSON object")
@@ -120,21 +122,17 @@ def _check(out: Path, job: str, config: dict, resume: bool, force: bool, meaning
                 f"{out}: --resume with changed {listed}; this changes what the saved state means: use the "
                 "saved values, --force to start over, or a new --out"
             )
+        # without a checkpoint yet (killed before the first one) the same run starts again at step 0
         return {key: value for key, value in changed.items() if key not in ("resume", "force")}
-    visible = (
-        sorted(entry.name for entry in out.iterdir() if not entry.name.startswith("."))
-        if out.is_dir()
-        else []
-    )
     if visible and not force:
         if config_file.is_file() and state_file.is_file():
             raise Llama2MLXError(
                 f"{out}: holds a {job} run with a checkpoint; use --resume to continue it, --force to start "
                 "over, or a new --out"
             )
+        listed = ", ".join(visible[:3]) + (", ..." if len(visible) > 3 else "")
         raise Llama2MLXError(
-            f"{out}: already exists and is not empty ({', '.join(visible[:3])}{', ...' if len(visible) > 3 else ''})"
-            "; use a new --out, or --force to replace its contents"
+            f"{out}: already exists and is not empty ({listed}); use a new --out, or --force to replace its contents"
         )
     if force:
         for name in visible:
