@@ -469,8 +469,19 @@ def load_checkpoint(
     high, low = state["rng_key"]
     mx.random.seed((high << 32) | low)
     mx.eval(model.parameters(), optimizer.state)
-    if window is not None and isinstance(state.get("window"), dict):
-        window.restore(state["window"])
+    saved_window = state.get("window")
+    if window is not None and saved_window is not None:
+        if not (
+            isinstance(saved_window, dict)
+            and isinstance(saved_window.get("trained_tokens"), int)
+            and isinstance(saved_window.get("tokens"), int)
+            and isinstance(saved_window.get("losses"), list)
+            and all(isinstance(x, int | float) for x in saved_window["losses"])
+        ):
+            raise Llama2MLXError(
+                f"{state_file}: corrupt trainer state (window); start again with a new --out"
+            )
+        window.restore(saved_window)
     return state["step"]
 
 
