@@ -175,9 +175,9 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.model import Llama
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
-    from llama2_mlx.run_folder import claim_run_folder, fingerprint
+    from llama2_mlx.run_folder import claim_run_folder, continues_checkpoint, fingerprint
     from llama2_mlx.tokenizer import Tokenizer
-    from llama2_mlx.trainer import CHECKPOINT_DIR, Callback, TrainConfig, train
+    from llama2_mlx.trainer import Callback, TrainConfig, train
 
     world = mx.distributed.init()
     mx.random.seed(config.seed)
@@ -241,8 +241,7 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
                 write_model_files(model, out, tokenizer_dir=tokenizer_dir)
 
         callbacks = [run.callback] if run is not None else []
-        # a run killed before its first checkpoint has none: --resume then starts it at step 0
-        train_config.resume = config.resume and (out / CHECKPOINT_DIR / "trainer_state.json").is_file()
+        train_config.resume = continues_checkpoint(out, config.resume)
         return train(
             model, optimizer, next_token_loss, batches, train_config, val_batches, [*callbacks, SaveModel()]
         )

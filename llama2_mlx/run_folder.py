@@ -140,6 +140,12 @@ def _check(out: Path, job: str, config: dict, resume: bool, force: bool, meaning
     return {}
 
 
+def continues_checkpoint(out: str | os.PathLike, resume: bool) -> bool:
+    """What `TrainConfig.resume` must be: --resume and a checkpoint to load (a run killed before its first
+    checkpoint has none, and --resume then starts it at step 0). Every rank can call it."""
+    return resume and (Path(out) / CHECKPOINT_DIR / "trainer_state.json").is_file()
+
+
 def fingerprint(*paths: str | os.PathLike | None) -> str:
     """SHA-256 over the bytes of these files (a folder: its files, sorted): detects data changed under --resume."""
     digest = hashlib.sha256()

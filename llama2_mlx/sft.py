@@ -128,8 +128,8 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     from llama2_mlx.lora import LoRAConfig, apply_lora, save_adapters, write_adapter_config
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
-    from llama2_mlx.run_folder import claim_run_folder, fingerprint
-    from llama2_mlx.trainer import CHECKPOINT_DIR, Callback, TrainConfig, train
+    from llama2_mlx.run_folder import claim_run_folder, continues_checkpoint, fingerprint
+    from llama2_mlx.trainer import Callback, TrainConfig, train
 
     world = mx.distributed.init()
     mx.random.seed(config.seed)
@@ -201,8 +201,7 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
                 f"validation; {len(batches)} batches per epoch, {train_config.iters} steps"
             )
         callbacks = [run.callback] if run is not None else []
-        # a run killed before its first checkpoint has none: --resume then starts it at step 0
-        train_config.resume = config.resume and (out / CHECKPOINT_DIR / "trainer_state.json").is_file()
+        train_config.resume = continues_checkpoint(out, config.resume)
         callbacks += [SaveAdapters()] if lora is not None else []
         result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
         if config.full and world.rank() == 0:

@@ -97,6 +97,13 @@ def test_15_os_errors_are_one_line_naming_the_path(tmp_path, tiny_model_dir):
         line
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing partial
+    # a read-only file system (we may run as root, so chmod would not stop us): mkdir fails with EROFS
+    command = ["strace", "-f", "-o", "/dev/null", "-e", "inject=mkdir:error=EROFS", *CLI, "convert",
+               str(tiny_model_dir), str(dst)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    line = one_error_line(result.stderr)
+    assert result.returncode == 1 and line.endswith(": Read-only file system") and str(tmp_path) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_17_written_folders_honour_the_umask(tmp_path, data, tiny_model_dir):
