@@ -6,6 +6,8 @@ folders (and mlx-lm) use. Every problem with a config is a `Llama2MLXError` nami
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,8 +52,10 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise Llama2MLXError(f"config: head_dim {self.head_dim} (dim / n_heads) must be even for RoPE")
-        if not self.norm_eps > 0:
-            raise Llama2MLXError(f"config field 'norm_eps' must be positive, got {self.norm_eps!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, float) and math.isfinite(value) and value > 0):
+                raise Llama2MLXError(f"config field '{name}' must be a positive number, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +67,8 @@ class ModelArgs:
     ) -> ModelArgs:
         """Meta's params.json. `vocab_size: -1` there is resolved from `vocab_size` (embedding rows or tokenizer)."""
         _require(params, ("dim", "n_layers", "n_heads", "norm_eps"), source)
-        file_vocab = params.get("vocab_size", -1)
+        get = _Reader(params, source)
+        file_vocab = get.int("vocab_size", -1, allow_negative=True)
         if file_vocab is None or file_vocab <= 0:
             if vocab_size is None:
                 raise Llama2MLXError(
@@ -74,48 +79,63 @@ class ModelArgs:
             raise Llama2MLXError(
                 f"{source}: vocab_size {file_vocab} disagrees with the weights/tokenizer ({vocab_size})"
             )
-        dim = params["dim"]
-        return cls(
+        dim = get.int("dim")
+        return _build(
+            cls,
+            source,
+            {},
             dim=dim,
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            n_layers=get.int("n_layers"),
+            n_heads=get.int("n_heads"),
+            n_kv_heads=get.int("n_kv_heads") or get.int("n_heads"),
             vocab_size=file_vocab,
-            hidden_dim=ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-            norm_eps=float(params["norm_eps"]),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
-            max_seq_len=params.get("max_seq_len", 4096),
+            hidden_dim=ffn_hidden_dim(
+                dim, get.int("multiple_of", 256, positive=True), get.float("ffn_dim_multiplier")
+            ),
+            norm_eps=get.float("norm_eps"),
+            rope_theta=get.float("rope_theta", 10000.0),
+            max_seq_len=get.int("max_seq_len", 4096),
         )
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """A Hugging Face LlamaConfig dict (the format of our model folders' config.json)."""
-        if config.get("model_type", "llama") != "llama":
-            raise Llama2MLXError(f"{source}: model_type is {config['model_type']!r}, expected 'llama'")
         _require(
             config,
             ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
             source,
         )
+        if config.get("model_type", "llama") != "llama":
+            raise Llama2MLXError(f"{source}: model_type is {config['model_type']!r}, expected 'llama'")
         if config.get("rope_scaling"):
             raise Llama2MLXError(f"{source}: rope_scaling {config['rope_scaling']!r} is not part of Llama 2")
-        head_dim = config.get("head_dim")
-        if head_dim is not None and head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        get = _Reader(config, source)
+        heads, hidden = get.int("num_attention_heads"), get.int("hidden_size")
+        head_dim = get.int("head_dim")
+        if head_dim is not None and head_dim * heads != hidden:
             raise Llama2MLXError(f"{source}: head_dim {head_dim} x num_attention_heads != hidden_size")
-        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get(
-            "rope_theta", 10000.0
-        )
-        return cls(
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            vocab_size=config["vocab_size"],
-            hidden_dim=config["intermediate_size"],
-            norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope_theta),
-            max_seq_len=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_parameters = config.get("rope_parameters") or {}
+        if not isinstance(rope_parameters, dict):
+            raise Llama2MLXError(
+                f"{source}: 'rope_parameters' must be an object, got {rope_parameters!r:.60}"
+            )
+        rope_theta = get.float("rope_theta")
+        if rope_theta is None:
+            rope_theta = _Reader(rope_parameters, f"{source} rope_parameters").float("rope_theta", 10000.0)
+        return _build(
+            cls,
+            source,
+            HF_KEYS,
+            dim=hidden,
+            n_layers=get.int("num_hidden_layers"),
+            n_heads=heads,
+            n_kv_heads=get.int("num_key_value_heads") or heads,
+            vocab_size=get.int("vocab_size"),
+            hidden_dim=get.int("intermediate_size"),
+            norm_eps=get.float("rms_norm_eps", 1e-5),
+            rope_theta=rope_theta,
+            max_seq_len=get.int("max_position_embeddings", 4096),
+            tie_word_embeddings=get.bool("tie_word_embeddings", False),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -144,7 +164,63 @@ class ModelArgs:
         return asdict(self)
 
 
+# ModelArgs field -> the config.json key it comes from, so errors name what the user sees in the file
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "max_seq_len": "max_position_embeddings"}  # fmt: skip
+
+
+def _build(cls, source: str, keys: dict[str, str], **fields: Any) -> ModelArgs:
+    """`cls(**fields)`, its errors restated with the file's name and its own key names."""
+    try:
+        return cls(**fields)
+    except Llama2MLXError as error:
+        message = re.sub(r"^config( field)?:? ?", "", str(error))
+        message = re.sub(r"\b(\w+)\b", lambda m: keys.get(m.group(1), m.group(1)), message)
+        raise Llama2MLXError(f"{source}: {message}") from None
+
+
+class _Reader:
+    """Typed reads of a config file's keys; a wrong type is one error naming the key as written in the file."""
+
+    MAX_INT = 2**31  # no Llama dimension comes near; larger values are corrupt files, not models
+
+    def __init__(self, config: dict[str, Any], source: str):
+        self.config, self.source = config, source
+
+    def int(self, key: str, default: Any = None, allow_negative: bool = False, positive: bool = False) -> Any:
+        value = self.config.get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not (allow_negative or value >= positive):
+            kind = "a positive" if positive else "a non-negative"
+            raise Llama2MLXError(f"{self.source}: '{key}' must be {kind} integer, got {value!r:.60}")
+        if value > self.MAX_INT:
+            raise Llama2MLXError(f"{self.source}: '{key}' is {value}, absurdly large")
+        return value
+
+    def float(self, key: str, default: Any = None) -> Any:
+        value = self.config.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise Llama2MLXError(f"{self.source}: '{key}' must be a number, got {value!r:.60}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.config.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise Llama2MLXError(f"{self.source}: '{key}' must be true or false, got {value!r:.60}")
+        return value
+
+
 def _require(config: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
+    if not isinstance(config, dict):
+        raise Llama2MLXError(f"{source}: expected a JSON object, got {type(config).__name__}")
     missing = [key for key in keys if key not in config]
     if missing:
         raise Llama2MLXError(f"{source}: missing required field(s) {', '.join(missing)}")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.fileio import utf8_lines
 from llama2_mlx.trainer import Batch
 
 T = TypeVar("T")
@@ -49,6 +50,7 @@ class DataReport:
     examples: int = 0
     skipped: list[str] = field(default_factory=list)  # "file:line: what is wrong" of skipped lines
     truncated: int = 0
+    untrained: int = 0  # examples left out because truncation cut away every trained token
     dropped: int = 0  # examples left out because they did not fill a last batch
     too_long: int = 0  # preference pairs left out because an answer would be cut by the sequence length
 
@@ -60,6 +62,8 @@ class DataReport:
             parts.append(f"{self.truncated} truncated to the sequence length")
         if self.too_long:
             parts.append(f"{self.too_long} left out: longer than --seq-len (never compared truncated)")
+        if self.untrained:
+            parts.append(f"{self.untrained} left out: --seq-len cut away all of their answer")
         if self.dropped:
             parts.append(f"{self.dropped} left out of an incomplete last batch")
         return ", ".join(parts)
@@ -137,21 +141,24 @@ def read_rows(
     if not path.is_file():
         raise Llama2MLXError(f"{path}: no such data file")
     items = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
+    for number, line in utf8_lines(path):
+        if line is not None and not line.strip():
+            continue
+        try:
+            if line is None:
+                raise Llama2MLXError("not UTF-8 text")
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise Llama2MLXError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-                items.append(encode(row))
-            except Llama2MLXError as error:
-                message = f"{path}:{number}: {error}"
-                if not skip_bad_lines:
-                    raise Llama2MLXError(message + " (use --skip-bad-lines to skip such lines)") from None
-                report.skipped.append(message)
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise Llama2MLXError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+            except RecursionError:
+                raise Llama2MLXError("not valid JSON (nested too deeply)") from None
+            items.append(encode(row))
+        except Llama2MLXError as error:
+            message = f"{path}:{number}: {error}"
+            if not skip_bad_lines:
+                raise Llama2MLXError(message + " (use --skip-bad-lines to skip such lines)") from None
+            report.skipped.append(message)
     if not items:
         raise Llama2MLXError(f"{path}: no usable examples")
     report.examples += len(items)
@@ -210,12 +217,21 @@ def load_sft_data(
 
 
 def truncate(examples: list[Example], seq_len: int, report: DataReport) -> list[Example]:
+    """Cut examples to `seq_len` tokens; one left with no trained token (its answer cut away) is left out and
+    counted, since its loss would be 0/0; if that leaves nothing, the error names --seq-len."""
     out = []
     for example in examples:
         if len(example.ids) > seq_len:
             report.truncated += 1
             example = Example(example.ids[:seq_len], example.mask[:seq_len])
+            if not any(example.mask):
+                report.untrained += 1
+                continue
         out.append(example)
+    if examples and not out:
+        raise Llama2MLXError(
+            f"--seq-len {seq_len} cuts away the trained part (the answer) of every example; raise --seq-len"
+        )
     return out
 
 

@@ -23,25 +23,39 @@ def read_json(path: Path, needed_for: str) -> Any:
     if not path.is_file():
         raise Llama2MLXError(f"{path}: missing; {needed_for} needs {path.name}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise Llama2MLXError(f"{path}: not valid JSON ({error})") from None
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """`(line number, text)` for each line of a text file, decoded one line at a time, so that a line which is not
+    UTF-8 is `(number, None)` (the caller names path:line, or skips it) instead of ending the whole read."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, None
 
 
 def jsonl_records(path: Path, not_found: str) -> Iterator[tuple[str, Any]]:
     """`("path:line", parsed JSON)` for each non-blank line of a JSON Lines file, so callers name the line in their
-    own errors; a missing file or a line that is not JSON is a `Llama2MLXError` naming it."""
+    own errors; a missing file or a line that is not UTF-8 JSON is a `Llama2MLXError` naming it."""
     if not path.is_file():
         raise Llama2MLXError(f"{path}: {not_found}")
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise Llama2MLXError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            yield f"{path}:{number}", row
+    for number, line in utf8_lines(path):
+        if line is None:
+            raise Llama2MLXError(f"{path}:{number}: not UTF-8 text")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise Llama2MLXError(
+                f"{path}:{number}: not valid JSON ({getattr(error, 'msg', error)})"
+            ) from None
+        yield f"{path}:{number}", row
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -63,16 +77,16 @@ def write_model_files(
 ) -> None:
     """Write a model folder's files (config, weights, tokenizer) into an existing run folder, each file atomically.
 
-    A run folder also holds metrics.jsonl and checkpoint/, so `model_folder.save_model` (which replaces a whole
-    folder) writes to a temporary sibling whose files are then renamed in.
+    A run folder also holds metrics.jsonl and checkpoint/, so the files are written to a hidden temporary folder
+    inside it (cleaned by the next `run_folder.claim_run_folder` if a crash leaves it) and then renamed in.
     """
-    import shutil
+    from llama2_mlx.destination import remove, temporary_sibling
+    from llama2_mlx.model_folder import write_model_folder
 
-    from llama2_mlx.model_folder import save_model
-
-    tmp = folder / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer_dir=tokenizer_dir, config_extra=config_extra)
-    for path in tmp.iterdir():
-        os.replace(path, folder / path.name)
-    tmp.rmdir()
+    tmp = temporary_sibling(folder / "model", folder=True)
+    try:
+        write_model_folder(model, tmp, tokenizer_dir=tokenizer_dir, config_extra=config_extra)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(path, folder / path.name)
+    finally:
+        remove(tmp)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
+from llama2_mlx.config_fields import SEED_RANGE, validate_fields
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.lora import LoRAConfig, apply_adapter, apply_lora, read_adapter_config
 
@@ -27,56 +28,72 @@ class FineTuneConfig:
     model: str | None = field(
         default=None, metadata={"help": "Model folder (default: the shipped demo model)."}
     )
-    rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    rank: int = field(default=8, metadata={"min": 1, "help": "LoRA rank."})
+    alpha: float = field(
+        default=16.0, metadata={"above": 0, "help": "LoRA alpha; the update is scaled by alpha / rank."}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"min": 0, "max": 0.999, "help": "Dropout on the LoRA input."}
+    )
     targets: str = field(default="q,v", metadata={"help": "LoRA projections, any of q,k,v,o,gate,up,down."})
     layers: str = field(default="all", metadata={"help": "LoRA on the last N layers, or 'all'."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "Micro-batches per optimizer step."})
     lr: float = field(
-        default=2e-5, metadata={"help": "Peak learning rate (paper: 2e-5; LoRA usually wants 1e-4)."}
+        default=2e-5,
+        metadata={"above": 0, "help": "Peak learning rate (paper: 2e-5; LoRA usually wants 1e-4)."},
     )
-    warmup: int = field(default=0, metadata={"help": "Linear warmup steps before the cosine decay to 10%."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    clip_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: off)."})
+    warmup: int = field(
+        default=0, metadata={"min": 0, "help": "Linear warmup steps before the cosine decay to 10%."}
+    )
+    weight_decay: float = field(default=0.1, metadata={"min": 0, "help": "AdamW weight decay."})
+    clip_norm: float = field(
+        default=1.0, metadata={"min": 0, "help": "Clip gradients to this global norm (0: off)."}
+    )
     batch_size: int = field(
-        default=64, metadata={"help": "Sequences per optimizer step, all processes together."}
+        default=64, metadata={"min": 1, "help": "Sequences per optimizer step, all processes together."}
     )
     seq_len: int = field(
-        default=4096, metadata={"help": "Tokens per sequence; longer examples are truncated."}
+        default=4096, metadata={"min": 2, "help": "Tokens per sequence; longer examples are truncated."}
     )
-    iters: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
+    iters: int | None = field(
+        default=None, metadata={"min": 1, "help": "Optimizer steps (default: from --epochs)."}
+    )
     epochs: float = field(
-        default=2.0, metadata={"help": "Passes over the training data when --iters is not set."}
+        default=2.0, metadata={"above": 0, "help": "Passes over the training data when --iters is not set."}
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed for LoRA init, shuffling, dropout and the valid split."}
+        default=0,
+        metadata={**SEED_RANGE, "help": "Seed for LoRA init, shuffling, dropout and the valid split."},
     )
-    save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps (and at the end)."})
-    eval_every: int = field(default=200, metadata={"help": "Validation every N steps (and at the end)."})
+    save_every: int = field(
+        default=100, metadata={"min": 0, "help": "Checkpoint every N steps (and at the end)."}
+    )
+    eval_every: int = field(
+        default=200, metadata={"min": 0, "help": "Validation every N steps (and at the end)."}
+    )
     val_batches: int = field(
-        default=0, metadata={"help": "Validation batches per evaluation (0: all of them)."}
+        default=0, metadata={"min": 0, "help": "Validation batches per evaluation (0: all of them)."}
     )
-    report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
+    report_every: int = field(default=10, metadata={"min": 1, "help": "Training loss report every N steps."})
     valid_fraction: float = field(
-        default=0.0, metadata={"help": "Hold out this fraction when there is no valid.jsonl."}
+        default=0.0,
+        metadata={"min": 0, "max": 0.99, "help": "Hold out this fraction when there is no valid.jsonl."},
     )
     skip_bad_lines: bool = field(
         default=False, metadata={"help": "Skip (and count) bad data lines instead of failing."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --out."})
+    force: bool = field(
+        default=False, metadata={"help": "Start over in a non-empty --out (its contents are deleted)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
 
     def __post_init__(self) -> None:
-        if self.layers != "all" and not str(self.layers).isdigit():
-            raise Llama2MLXError(f"layers must be a number or 'all', got {self.layers!r}")
-        for name in ("batch_size", "seq_len", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise Llama2MLXError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise Llama2MLXError("seq_len must be at least 2")
+        validate_fields(self)  # types, finite floats, the bounds in each field's metadata
+        if self.layers != "all" and not (self.layers.isdigit() and int(self.layers) > 0):
+            raise Llama2MLXError(f"layers (--layers) must be a positive number or 'all', got {self.layers!r}")
         if self.batch_size % self.grad_accum:
             raise Llama2MLXError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}"

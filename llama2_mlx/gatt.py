@@ -122,17 +122,22 @@ def run_gatt_data(
     instructions_path: str | os.PathLike,
     out: str | os.PathLike,
     adapter: str | os.PathLike | None = None,
+    force: bool = False,
     **sampling,
 ) -> int:
-    """Read the files, sample, write `out` (.jsonl of {"messages"}) atomically; returns the number of dialogs."""
-    from llama2_mlx.fileio import write_text_atomic
+    """Read the files, sample, write `out` (.jsonl of {"messages"}) atomically; returns the number of dialogs.
+
+    `out` is claimed before any sampling: an existing file is refused without `force`, an input file always."""
+    from llama2_mlx.destination import atomic_file
     from llama2_mlx.loading import demo_model_path, load
 
-    dialogs = read_user_turns(Path(dialogs_path))
-    instructions = read_instructions(Path(instructions_path))
-    model, tokenizer = load(model_path or demo_model_path(), adapter=adapter)
-    built = build_gatt_dialogs(model, tokenizer, dialogs, instructions, **sampling)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in built))
+    if sampling.get("max_tokens", 1) < 1:
+        raise Llama2MLXError(f"--max-tokens must be at least 1, got {sampling['max_tokens']}")
+    with atomic_file(out, force=force, inputs=[dialogs_path, instructions_path]) as tmp:
+        dialogs = read_user_turns(Path(dialogs_path))
+        instructions = read_instructions(Path(instructions_path))
+        model, tokenizer = load(model_path or demo_model_path(), adapter=adapter)
+        built = build_gatt_dialogs(model, tokenizer, dialogs, instructions, **sampling)
+        text = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in built)
+        tmp.write_text(text, encoding="utf-8")
     return len(built)

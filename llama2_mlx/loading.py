@@ -24,7 +24,9 @@ def load(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtyp
         apply_adapter(model, Path(adapter))
     if not (folder / "tokenizer.model").is_file():
         raise Llama2MLXError(f"{folder}: missing tokenizer.model")
-    return model, Tokenizer(folder / "tokenizer.model")
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    tokenizer.check_vocab(model.args.vocab_size, f"the model's embedding ({folder / 'config.json'})")
+    return model, tokenizer
 
 
 def demo_model_path() -> Path:

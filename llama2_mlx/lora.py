@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from llama2_mlx.checkpoints.safetensors_file import load_safetensors
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json, save_safetensors_atomic, write_text_atomic
 
@@ -47,16 +48,22 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not isinstance(self.targets, list) or not all(isinstance(t, str) for t in self.targets):
+            raise Llama2MLXError(f"LoRA targets must be a list of names, got {self.targets!r:.60}")
+        for name in ("alpha", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise Llama2MLXError(f"LoRA {name} must be a finite number, got {value!r:.60}")
         unknown = [t for t in self.targets if t not in TARGET_MODULES]
         if unknown or not self.targets:
             raise Llama2MLXError(
                 f"LoRA targets {','.join(self.targets) or '(none)'}: choose from {','.join(TARGET_MODULES)}"
             )
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise Llama2MLXError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not 0 <= self.dropout < 1:
             raise Llama2MLXError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if self.layers is not None and self.layers <= 0:
+        if self.layers is not None and (not isinstance(self.layers, int) or self.layers <= 0):
             raise Llama2MLXError(f"LoRA layers must be a positive count (or all), got {self.layers}")
 
     @property
@@ -162,13 +169,15 @@ def write_adapter_config(folder: Path, config: LoRAConfig, n_layers: int, base_m
 def read_adapter_config(folder: Path) -> LoRAConfig:
     path = folder / ADAPTER_CONFIG
     data = read_json(path, "an adapter folder")
+    if not isinstance(data, dict):
+        raise Llama2MLXError(f"{path}: expected a JSON object")
     if data.get("fine_tune_type", "lora") != "lora":
         raise Llama2MLXError(f"{path}: fine_tune_type {data['fine_tune_type']!r} is not a LoRA adapter")
     try:
         return LoRAConfig(
             **{k: data[k] for k in ("rank", "alpha", "dropout", "targets", "layers") if k in data}
         )
-    except TypeError as error:
+    except (TypeError, Llama2MLXError) as error:
         raise Llama2MLXError(f"{path}: {error}") from None
 
 
@@ -187,7 +196,7 @@ def apply_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         raise Llama2MLXError(f"{path}: missing; the adapter folder holds no trained weights yet")
-    weights = mx.load(str(path))
+    weights = load_safetensors(path, ("float32", "float16", "bfloat16"))
     expected = lora_parameters(model)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -233,12 +242,15 @@ def fuse_adapter(
     force: bool = False,
 ) -> Path:
     """base model folder + adapter folder -> a new model folder with the adapter merged into the weights."""
-    from llama2_mlx.model_folder import load_model, save_model
+    from llama2_mlx.destination import atomic_folder
+    from llama2_mlx.model_folder import load_model, write_model_folder
 
-    model = load_model(model_path)
-    apply_adapter(model, adapter_dir)
-    fuse(model, dequantize=dequantize)
-    return save_model(model, out, tokenizer_dir=model_path, force=force)
+    with atomic_folder(out, force=force, inputs=[model_path, adapter_dir]) as tmp:  # claimed before the work
+        model = load_model(model_path)
+        apply_adapter(model, adapter_dir)
+        fuse(model, dequantize=dequantize)
+        write_model_folder(model, tmp, tokenizer_dir=model_path)
+    return Path(out)
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:

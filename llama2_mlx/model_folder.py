@@ -1,7 +1,7 @@
 """MLX model folders (DESIGN.md "Formats"): config.json with Hugging Face keys, safetensors shards, tokenizer.
 
-The same layout mlx-lm reads. Folders are written atomically: everything goes to a temporary sibling folder that is
-renamed into place at the end, so an interrupted write never leaves a half-written model where a good one was.
+The same layout mlx-lm reads. Folders are written through `destination.atomic_folder`, so an interrupted write
+never leaves a half-written model where a good one was.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,12 +16,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from llama2_mlx.config import ModelArgs
+from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json
 from llama2_mlx.model import Llama
 from llama2_mlx.shard_writer import DEFAULT_SHARD_BYTES, Entry, ShardWriter
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "uint32")  # uint32: packed quantized weights
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -51,17 +50,35 @@ def read_config(folder: Path) -> dict:
 
 
 def read_weights(folder: Path) -> dict[str, mx.array]:
-    """All tensors of a folder's safetensors files (memory-mapped by MLX; read when used)."""
+    """All tensors of a folder's safetensors files (memory-mapped by MLX; read when used), headers checked."""
+    from llama2_mlx.checkpoints.safetensors_file import load_safetensors
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise Llama2MLXError(f"{folder}: no *.safetensors weights found")
     weights: dict[str, mx.array] = {}
     for file in files:
-        try:
-            weights.update(mx.load(str(file)))
-        except Exception as error:  # MLX raises plain RuntimeError/ValueError for unreadable files
-            raise Llama2MLXError(f"{file}: cannot read safetensors ({error})") from None
+        weights.update(load_safetensors(file, WEIGHT_DTYPES))
     return weights
+
+
+QUANTIZATION = {"group_size": (32, 64, 128), "bits": (2, 3, 4, 6, 8)}
+
+
+def read_quantization(config: dict, source: str) -> dict | None:
+    """config.json's "quantization" entry (mlx-lm's), checked: None, or {"group_size": 32|64|128, "bits": ...}."""
+    entry = config.get("quantization")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise Llama2MLXError(f"{source}: 'quantization' must be an object, got {entry!r:.60}")
+    for key, allowed in QUANTIZATION.items():
+        value = entry.get(key)
+        if isinstance(value, bool) or value not in allowed:
+            raise Llama2MLXError(
+                f"{source}: 'quantization.{key}' must be one of {', '.join(map(str, allowed))}, got {value!r:.60}"
+            )
+    return {key: entry[key] for key in QUANTIZATION}
 
 
 def build_model(args: ModelArgs, quantization: dict | None = None) -> Llama:
@@ -99,7 +116,7 @@ def load_model(path: str | os.PathLike, dtype: mx.Dtype | None = None, lazy: boo
     folder = Path(path)
     config = read_config(folder)
     args = ModelArgs.from_hf_config(config, source=str(folder / "config.json"))
-    model = build_model(args, config.get("quantization"))
+    model = build_model(args, read_quantization(config, str(folder / "config.json")))
     return fill_model(model, read_weights(folder), str(folder), dtype, lazy)
 
 
@@ -141,27 +158,39 @@ def save_model(
 
     `config_extra` adds or replaces config.json keys (a reward model's architecture and label count).
     """
-    with atomic_folder(path, force=force) as tmp:
-        weights = dict(tree_flatten(model.parameters()))
-        for name, array in weights.items():
-            if dtype is not None and _is_float(array) and not _is_quant_tensor(name, weights):
-                weights[name] = array.astype(dtype)
-        groups: dict[
-            str, list[Entry]
-        ] = {}  # a module's tensors (a quantized weight's scales too) share a shard
-        for name, array in weights.items():
-            groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(array.shape), array.dtype))
-        with ShardWriter(tmp, list(groups.values()), max_shard_bytes) as writer:
-            for name, array in weights.items():
-                writer.add(name, array)
-        config = {**model.args.to_hf_config(), **(config_extra or {})}
-        quantization = quantization_of(model)
-        if quantization:
-            config["quantization"] = quantization
-        write_config(tmp, config)
-        if tokenizer_dir is not None:
-            copy_tokenizer(Path(tokenizer_dir), tmp)
+    with atomic_folder(path, force=force, inputs=[tokenizer_dir]) as tmp:
+        write_model_folder(model, tmp, tokenizer_dir, dtype, max_shard_bytes, config_extra)
     return Path(path)
+
+
+def write_model_folder(
+    model: Llama,
+    folder: Path,
+    tokenizer_dir: str | os.PathLike | None = None,
+    dtype: mx.Dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    config_extra: dict | None = None,
+) -> None:
+    """The files of a model folder, written into `folder` (a temporary one: callers publish it atomically)."""
+    weights = dict(tree_flatten(model.parameters()))
+    if not all(mx.all(mx.isfinite(v)).item() for v in weights.values() if _is_float(v)):
+        raise Llama2MLXError(f"{folder}: refusing to write a model with non-finite (nan/inf) weights")
+    for name, array in weights.items():
+        if dtype is not None and _is_float(array) and not _is_quant_tensor(name, weights):
+            weights[name] = array.astype(dtype)
+    groups: dict[str, list[Entry]] = {}  # a module's tensors (a quantized weight's scales too) share a shard
+    for name, array in weights.items():
+        groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(array.shape), array.dtype))
+    with ShardWriter(folder, list(groups.values()), max_shard_bytes) as writer:
+        for name, array in weights.items():
+            writer.add(name, array)
+    config = {**model.args.to_hf_config(), **(config_extra or {})}
+    quantization = quantization_of(model)
+    if quantization:
+        config["quantization"] = quantization
+    write_config(folder, config)
+    if tokenizer_dir is not None:
+        copy_tokenizer(Path(tokenizer_dir), folder)
 
 
 def write_config(folder: Path, config: dict) -> None:
@@ -197,32 +226,6 @@ def quantization_of(model: nn.Module) -> dict | None:
         if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
             return {"group_size": module.group_size, "bits": module.bits}
     return None
-
-
-@contextmanager
-def atomic_folder(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `path` only if the block succeeds.
-
-    An existing `path` is an error unless `force`; with `force` it is replaced only after the new one is complete.
-    """
-    final = Path(path)
-    if final.exists() and not force:
-        raise Llama2MLXError(f"{final}: already exists (use --force to overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _is_float(array: mx.array) -> bool:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+from llama2_mlx.config_fields import SEED_RANGE, validate_fields
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.fileio import jsonl_records
+from llama2_mlx.fileio import jsonl_records, utf8_lines
 
 PAPER_WARMUP = 2000
 
@@ -36,31 +38,63 @@ class PretrainConfig:
         default=None, metadata={"help": "Validation corpus (default: --valid-fraction)."}
     )
     valid_fraction: float = field(
-        default=0.01, metadata={"help": "Fraction of rows held out without --valid."}
+        default=0.01, metadata={"min": 0, "max": 0.99, "help": "Fraction of rows held out without --valid."}
     )
-    lr: float = field(default=3e-4, metadata={"help": "Peak learning rate (paper: 3e-4 for 7B/13B)."})
+    lr: float = field(
+        default=3e-4, metadata={"above": 0, "help": "Peak learning rate (paper: 3e-4 for 7B/13B)."}
+    )
     warmup: int | None = field(
         default=None,
-        metadata={"help": "Warmup steps (default: the paper's 2000, or 10% of --iters if fewer)."},
+        metadata={"min": 0, "help": "Warmup steps (default: the paper's 2000, or 10% of --iters if fewer)."},
     )
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    clip_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0: off)."})
-    batch_size: int = field(default=32, metadata={"help": "Rows per optimizer step, all processes together."})
-    seq_len: int = field(default=4096, metadata={"help": "Tokens per row (and the model's context)."})
-    iters: int | None = field(default=None, metadata={"help": "Optimizer steps (default: from --epochs)."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the corpus when --iters is not set."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    weight_decay: float = field(default=0.1, metadata={"min": 0, "help": "AdamW weight decay."})
+    clip_norm: float = field(
+        default=1.0, metadata={"min": 0, "help": "Clip gradients to this global norm (0: off)."}
+    )
+    batch_size: int = field(
+        default=32, metadata={"min": 1, "help": "Rows per optimizer step, all processes together."}
+    )
+    seq_len: int = field(
+        default=4096, metadata={"min": 2, "help": "Tokens per row (and the model's context)."}
+    )
+    iters: int | None = field(
+        default=None, metadata={"min": 1, "help": "Optimizer steps (default: from --epochs)."}
+    )
+    epochs: float = field(
+        default=1.0, metadata={"above": 0, "help": "Passes over the corpus when --iters is not set."}
+    )
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "Micro-batches per optimizer step."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
-    init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation of weights."})
-    seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and the valid split."})
-    save_every: int = field(default=500, metadata={"help": "Checkpoint (and model folder) every N steps."})
-    eval_every: int = field(default=200, metadata={"help": "Validation loss every N steps (and at the end)."})
-    val_batches: int = field(
-        default=0, metadata={"help": "Validation batches per evaluation (0: all of them)."}
+    init_std: float = field(
+        default=0.02, metadata={"above": 0, "help": "Std of the normal initialisation of weights."}
     )
-    report_every: int = field(default=10, metadata={"help": "Training loss report every N steps."})
+    seed: int = field(
+        default=0, metadata={**SEED_RANGE, "help": "Seed for initialisation, shuffling and the valid split."}
+    )
+    save_every: int = field(
+        default=500, metadata={"min": 0, "help": "Checkpoint (and model folder) every N steps."}
+    )
+    eval_every: int = field(
+        default=200, metadata={"min": 0, "help": "Validation loss every N steps (and at the end)."}
+    )
+    val_batches: int = field(
+        default=0, metadata={"min": 0, "help": "Validation batches per evaluation (0: all of them)."}
+    )
+    report_every: int = field(default=10, metadata={"min": 1, "help": "Training loss report every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue from the checkpoint in --out."})
+    force: bool = field(
+        default=False, metadata={"help": "Start over in a non-empty --out (its contents are deleted)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+# Fields whose change makes a checkpoint mean something else: --resume refuses them (run_folder.claim_run_folder).
+PRETRAIN_MEANING_FIELDS = ("config", "data", "valid", "tokenizer", "data_fingerprint", "valid_fraction", "lr",
+                           "warmup", "weight_decay", "clip_norm", "batch_size", "seq_len", "grad_accum", "init_std",
+                           "seed")  # fmt: skip
 
 
 def model_args_for(spec: str, vocab_size: int):
@@ -86,8 +120,12 @@ def read_documents(path: Path) -> list[str]:
     else:
         if not path.is_file():
             raise Llama2MLXError(f"{path}: no such corpus file")
-        with path.open(encoding="utf-8") as file:
-            documents = [line.rstrip("\n") for line in file if line.strip()]
+        documents = []
+        for number, line in utf8_lines(path):
+            if line is None:
+                raise Llama2MLXError(f"{path}:{number}: not UTF-8 text")
+            if line.strip():
+                documents.append(line.rstrip("\n"))
     if not documents:
         raise Llama2MLXError(f"{path}: the corpus is empty")
     return documents
@@ -133,10 +171,11 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     from mlx.utils import tree_flatten
 
     from llama2_mlx.data import Batcher
-    from llama2_mlx.fileio import write_model_files, write_text_atomic
+    from llama2_mlx.fileio import write_model_files
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.model import Llama
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
+    from llama2_mlx.run_folder import claim_run_folder, continues_checkpoint, fingerprint
     from llama2_mlx.tokenizer import Tokenizer
     from llama2_mlx.trainer import Callback, TrainConfig, train
 
@@ -172,20 +211,37 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     )
 
     train_config = TrainConfig.from_job(config, len(batches))
-    if announce is not None and world.rank() == 0:
-        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-        announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
-                 f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
     warmup = config.warmup if config.warmup is not None else min(PAPER_WARMUP, train_config.iters // 10)
     optimizer = make_optimizer(OptimizerConfig.from_job(config, warmup=warmup), train_config.iters)
     out = Path(config.out)
     tokenizer_dir = tokenizer_path.parent
 
-    class SaveModel(Callback):
-        def on_checkpoint(self, step: int, folder: Path) -> None:
-            write_model_files(model, out, tokenizer_dir=tokenizer_dir)
+    recorded = {**asdict(config), "data_fingerprint": fingerprint(config.data, config.valid, tokenizer_path)}
+    claim = (
+        claim_run_folder(
+            out,
+            "pretrain",
+            recorded,
+            config.resume,
+            config.force,
+            PRETRAIN_MEANING_FIELDS,
+            inputs=[config.data, config.valid, tokenizer_path, Path(config.config)],
+        )  # fmt: skip
+        if world.rank() == 0
+        else nullcontext()
+    )
+    with claim as run:  # every check above has passed: from here on the folder is ours
+        if announce is not None and world.rank() == 0:
+            n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+            announce(f"model: {n_params / 1e6:.1f}M parameters; corpus: {len(rows)} rows of {config.seq_len} tokens, "
+                     f"{len(valid_rows)} for validation; {train_config.iters} steps")  # fmt: skip
 
-    if world.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "pretrain_config.json", json.dumps(asdict(config), indent=2) + "\n")
-    return train(model, optimizer, next_token_loss, batches, train_config, val_batches, [SaveModel()])
+        class SaveModel(Callback):
+            def on_checkpoint(self, step: int, folder: Path) -> None:
+                write_model_files(model, out, tokenizer_dir=tokenizer_dir)
+
+        callbacks = [run.callback] if run is not None else []
+        train_config.resume = continues_checkpoint(out, config.resume)
+        return train(
+            model, optimizer, next_token_loss, batches, train_config, val_batches, [*callbacks, SaveModel()]
+        )

@@ -7,13 +7,12 @@ and `fuse`) or a full model folder (`full`), plus metrics.jsonl, sft_config.json
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.finetune import FineTuneConfig
 
 
@@ -42,10 +41,12 @@ class SFTConfig(FineTuneConfig):
         },
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pack_mask not in ("document", "none"):
-            raise Llama2MLXError(f"pack_mask must be 'document' or 'none', got {self.pack_mask!r}")
+
+# Fields whose change makes a checkpoint mean something else: --resume refuses them (run_folder.claim_run_folder).
+SFT_MEANING_FIELDS = ("model", "data", "data_fingerprint", "rank", "alpha", "dropout", "targets", "layers", "full",
+                      "lr", "warmup", "weight_decay", "clip_norm", "batch_size", "grad_accum", "seq_len", "seed",
+                      "valid_fraction", "skip_bad_lines", "train_on_prompt", "pack", "pack_mask", "gatt",
+                      "adapter")  # fmt: skip
 
 
 def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
@@ -56,12 +57,13 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     import mlx.core as mx
 
     from llama2_mlx.data import Batcher, EncodeOptions, load_sft_data
-    from llama2_mlx.fileio import write_model_files, write_text_atomic
+    from llama2_mlx.fileio import write_model_files
     from llama2_mlx.finetune import make_trainable
     from llama2_mlx.loading import demo_model_path, load
     from llama2_mlx.lora import save_adapters, write_adapter_config
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
+    from llama2_mlx.run_folder import claim_run_folder, continues_checkpoint, fingerprint
     from llama2_mlx.trainer import Callback, TrainConfig, train
 
     world = mx.distributed.init()
@@ -84,25 +86,41 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
 
     lora = make_trainable(model, config, model_path, config.adapter)
 
-    class SaveAdapters(Callback):
-        def on_checkpoint(self, step: int, folder: Path) -> None:
-            save_adapters(model, out)
-
-    if world.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "sft_config.json", json.dumps(asdict(config), indent=2) + "\n")
-        if lora is not None:
-            write_adapter_config(out, lora, len(model.layers), str(model_path))
-
     train_config = TrainConfig.from_job(config, len(batches))
-    if announce is not None and world.rank() == 0:
-        announce(
-            f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for validation;"
-            f" {len(batches)} batches per epoch, {train_config.iters} steps"
-        )
     optimizer = make_optimizer(OptimizerConfig.from_job(config), train_config.iters)
-    callbacks = [SaveAdapters()] if lora is not None else []
-    result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
-    if config.full and world.rank() == 0:
-        write_model_files(model, out, tokenizer_dir=model_path)
+    recorded = {**asdict(config), "model": str(model_path.resolve()), "data": str(Path(config.data).resolve()),
+                "data_fingerprint": fingerprint(config.data)}  # fmt: skip
+    claim = (
+        claim_run_folder(
+            out,
+            "sft",
+            recorded,
+            config.resume,
+            config.force,
+            SFT_MEANING_FIELDS,
+            inputs=[model_path, config.data],
+        )  # fmt: skip
+        if world.rank() == 0
+        else nullcontext()
+    )
+    with claim as run:  # every check above has passed: from here on the folder is ours
+
+        class SaveAdapters(Callback):
+            def on_start(self, step: int) -> None:
+                write_adapter_config(out, lora, len(model.layers), str(model_path))
+
+            def on_checkpoint(self, step: int, folder: Path) -> None:
+                save_adapters(model, out)
+
+        if announce is not None and world.rank() == 0:
+            announce(
+                f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for "
+                f"validation; {len(batches)} batches per epoch, {train_config.iters} steps"
+            )
+        callbacks = [run.callback] if run is not None else []
+        train_config.resume = continues_checkpoint(out, config.resume)
+        callbacks += [SaveAdapters()] if lora is not None else []
+        result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
+        if config.full and world.rank() == 0:
+            write_model_files(model, out, tokenizer_dir=model_path)
     return result, report

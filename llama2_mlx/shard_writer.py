@@ -64,7 +64,7 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # the format allows space padding; keeps the data 8-byte aligned
         path = self.folder / f"shard-{len(self.shards):05d}.tmp.safetensors"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+        _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0, path)
         start = 8 + len(raw)
         for name, _, dtype in entries:
             begin, end = header[name]["data_offsets"]
@@ -80,7 +80,8 @@ class ShardWriter:
             raise Llama2MLXError(
                 f"{name}: block {block.shape} {block.dtype} does not fit the planned tensor ({dtype})"
             )
-        _pwrite_all(self.files[fd_index], memoryview(mx.contiguous(block)).cast("B"), position)
+        path = self.shards[fd_index][0]
+        _pwrite_all(self.files[fd_index], memoryview(mx.contiguous(block)).cast("B"), position, path)
         self.regions[name] = (fd_index, position + block.nbytes, end, dtype)
 
     def add(self, name: str, array: mx.array) -> None:
@@ -126,7 +127,10 @@ def _nbytes(shape: tuple[int, ...], dtype: mx.Dtype) -> int:
     return math.prod(shape) * dtype.size
 
 
-def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, position: int, path: Path) -> None:
     written = 0
-    while written < len(data):  # pwrite may write less than asked
-        written += os.pwrite(fd, data[written:], position + written)
+    try:
+        while written < len(data):  # pwrite may write less than asked
+            written += os.pwrite(fd, data[written:], position + written)
+    except OSError as error:  # e.g. a full disk: name the file, as every error message does
+        raise OSError(error.errno, error.strerror, str(path)) from None

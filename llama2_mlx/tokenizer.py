@@ -38,8 +38,20 @@ class Tokenizer:
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.vocab_size()
 
+    def check_vocab(self, vocab_size: int, model: str) -> None:
+        """The model's embedding must have exactly one row per piece: with more rows it can sample ids this
+        tokenizer cannot decode, with fewer the tokenizer yields ids past the embedding (MLX does not check)."""
+        if self.vocab_size != vocab_size:
+            raise Llama2MLXError(
+                f"{self.path}: tokenizer has {self.vocab_size} pieces but {model} has {vocab_size} rows"
+            )
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`; BOS/EOS are added as ids, never parsed from the text."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes from a command line or stdin (surrogate escapes)
+            raise Llama2MLXError("the text is not valid UTF-8") from None
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

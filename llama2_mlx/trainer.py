@@ -70,6 +70,13 @@ class TrainConfig:
             raise Llama2MLXError(f"iters must be positive, got {self.iters}")
         if self.grad_accum <= 0:
             raise Llama2MLXError(f"grad_accum must be positive, got {self.grad_accum}")
+        if self.report_every <= 0:
+            raise Llama2MLXError(f"report_every must be positive, got {self.report_every}")
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise Llama2MLXError(f"clip_norm must be a finite number >= 0 (0: off), got {self.clip_norm}")
+        for name in ("eval_every", "save_every"):
+            if (getattr(self, name) or 0) < 0:
+                raise Llama2MLXError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.out_dir is not None:
             self.out_dir = Path(self.out_dir)
 
@@ -85,6 +92,10 @@ class TrainConfig:
 
 class Callback:
     """Hooks the loop calls on rank 0; override what you need."""
+
+    def on_start(self, step: int) -> None:
+        """Training starts at `step` (0, or the step of the checkpoint just loaded for --resume); nothing has been
+        written yet, so a run refused by the checks before this point leaves its folder untouched."""
 
     def on_report(self, record: dict[str, Any]) -> None:
         """A training report (step, loss, lr, tokens/s, ...) or an evaluation (step, val_loss)."""
@@ -126,13 +137,15 @@ def train(
     checkpoint_dir = config.out_dir / CHECKPOINT_DIR if config.out_dir is not None else None
 
     optimizer.init(model.trainable_parameters())
-    start_step = 0
+    start_step, window = 0, _Window()
     if checkpoint_dir is not None and config.resume:
-        start_step = load_checkpoint(model, optimizer, checkpoint_dir)
+        start_step = load_checkpoint(model, optimizer, checkpoint_dir, window=window)
     elif checkpoint_dir is not None and checkpoint_dir.exists():
         raise Llama2MLXError(
             f"{checkpoint_dir}: a checkpoint exists; use --resume to continue it, or a new --out"
         )
+    for callback in callbacks:
+        callback.on_start(start_step)
     if config.out_dir is not None and is_main:
         metrics = MetricsFile(config.out_dir / METRICS_FILE, keep_until=start_step if config.resume else 0)
         callbacks.insert(0, metrics)
@@ -147,15 +160,15 @@ def train(
         if checkpoint_dir is None:
             return
         if is_main:
-            save_checkpoint(model, optimizer, checkpoint_dir, step, step * config.grad_accum, world.size())
+            save_checkpoint(model, optimizer, checkpoint_dir, step, step * config.grad_accum, world.size(),
+                            window=window, kept=result.checkpoint)  # fmt: skip
             for callback in callbacks:
                 callback.on_checkpoint(step, checkpoint_dir)
         result.checkpoint = checkpoint_dir
 
-    step_fn, accumulate_fn, apply_fn = _compile_steps(model, optimizer, loss_fn, config.clip_norm, world)
+    accumulate_fn, reduce_fn, update_fn = _compile_steps(model, optimizer, loss_fn, config.clip_norm, world)
     evaluate_fn = _compile_eval(model, loss_fn)
     data = batches(start_step * config.grad_accum)
-    window = _Window()
     model.train()
     with (
         gradient_checkpointing(model.layers if config.grad_checkpoint else []),
@@ -166,37 +179,28 @@ def train(
         step = start_step
         while step < config.iters:
             tic = time.perf_counter()
-            tokens = 0
-            if config.grad_accum == 1:
+            tokens, accumulated = 0, None
+            for _ in range(config.grad_accum):
                 batch = next(data, None)
                 if batch is None:
                     break
-                loss, weight, aux = step_fn(batch.inputs)
+                accumulated = accumulate_fn(batch.inputs, accumulated)
                 tokens += batch.tokens
-            else:
-                accumulated = None
-                for _ in range(config.grad_accum):
-                    batch = next(data, None)
-                    if batch is None:
-                        break
-                    accumulated = accumulate_fn(batch.inputs, accumulated)
-                    tokens += batch.tokens
+                if config.grad_accum > 1:
                     mx.eval(accumulated)
-                if batch is None:
-                    break
-                loss, weight, aux = apply_fn(accumulated)
-            mx.eval(loss, weight, aux, model.state, optimizer.state)
-            step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                kept = (
-                    f"the last good checkpoint is in {checkpoint_dir}"
-                    if result.checkpoint
-                    else "no checkpoint was written"
-                )
+            if batch is None:
+                break
+            grads, loss, norm, aux = reduce_fn(accumulated)
+            mx.eval(grads, loss, norm, aux)
+            loss_value, norm_value = loss.item(), norm.item()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):  # checked BEFORE the update
                 raise Llama2MLXError(
-                    f"training stopped: the loss became {loss_value} at step {step}; {kept} (try a lower --lr)"
+                    f"training stopped at step {step + 1}: the loss is {loss_value} and the gradient norm "
+                    f"{norm_value}; the step was not applied; {_kept(result.checkpoint)} (try a lower --lr)"
                 )
+            update_fn(grads)
+            mx.eval(model.state, optimizer.state)
+            step += 1
             window.add(loss_value, tokens, time.perf_counter() - tic, aux)
             result.step, result.train_loss = step, loss_value
             if step % config.report_every == 0 or step == config.iters:
@@ -207,9 +211,7 @@ def train(
                 result.val_loss = _validate(evaluate_fn, model, val_batches, world, step, report, val_metrics)
             if step == config.iters or (config.save_every and step % config.save_every == 0):
                 save(step)
-            if stop():
-                if window.steps:
-                    report(window.record(step, optimizer, world))
+            if stop():  # the unreported steps stay in the checkpoint's window: resume reports them as usual
                 save(step)
                 result.status = "interrupted"
                 break
@@ -218,10 +220,16 @@ def train(
     return result
 
 
+def _kept(checkpoint: Path | None) -> str:
+    return f"the last good checkpoint is in {checkpoint}" if checkpoint else "no checkpoint was written"
+
+
 def _compile_steps(
     model: nn.Module, optimizer: optim.Optimizer, loss_fn: LossFn, clip_norm: float | None, world
 ):
-    """Compiled (1) whole step, (2) accumulate one micro-batch, (3) apply accumulated gradients.
+    """Compiled (1) gradients of one micro-batch added to those accumulated, (2) the step's mean gradient, loss and
+    gradient norm, (3) the optimizer update. The loop checks the loss and norm between (2) and (3), so a non-finite
+    step never reaches the weights or the optimizer state.
 
     Gradients of the loss SUM are added up, all-reduced, then divided by the total weight: the mean over every
     trained token of the global batch, whatever the split into micro-batches and ranks.
@@ -230,7 +238,16 @@ def _compile_steps(
     value_and_grad = nn.value_and_grad(model, loss_fn)
     size = world.size()
 
-    def apply(grads, total, weight, aux):
+    @partial(mx.compile, inputs=state, outputs=state)
+    def accumulate(inputs, accumulated):
+        outputs, grads = value_and_grad(model, *inputs)
+        aux = tree_map(lambda a: a.astype(mx.float32), outputs[2]) if len(outputs) > 2 else {}
+        step = (grads, outputs[0].astype(mx.float32), outputs[1].astype(mx.float32), aux)
+        return step if accumulated is None else tree_map(mx.add, step, accumulated)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def reduce(accumulated):
+        grads, total, weight, aux = accumulated
         if size > 1:
             # average_gradients divides by the size; multiply back to get the sum over ranks
             grads = tree_map(lambda g: g * size, average_gradients(grads))
@@ -238,29 +255,16 @@ def _compile_steps(
             aux = tree_map(mx.distributed.all_sum, aux)
         grads = tree_map(lambda g: g / weight, grads)
         if clip_norm:
-            grads, _ = optim.clip_grad_norm(grads, clip_norm)
+            grads, norm = optim.clip_grad_norm(grads, clip_norm)
+        else:
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+        return grads, total / weight, norm, aux
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads):
         optimizer.update(model, grads)
-        return total / weight, weight, aux
 
-    def forward(inputs):
-        outputs, grads = value_and_grad(model, *inputs)
-        aux = tree_map(lambda a: a.astype(mx.float32), outputs[2]) if len(outputs) > 2 else {}
-        return grads, outputs[0].astype(mx.float32), outputs[1].astype(mx.float32), aux
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs):
-        return apply(*forward(inputs))
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def accumulate(inputs, accumulated):
-        step = forward(inputs)
-        return step if accumulated is None else tree_map(mx.add, step, accumulated)
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def apply_accumulated(accumulated):
-        return apply(*accumulated)
-
-    return step, accumulate, apply_accumulated
+    return accumulate, reduce, update
 
 
 def _compile_eval(model: nn.Module, loss_fn: LossFn):
@@ -297,6 +301,19 @@ class _Window:
     def __init__(self) -> None:
         self.trained_tokens = 0
         self.reset()
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run reports exactly what an uninterrupted one would."""
+        return {"trained_tokens": self.trained_tokens, "losses": self.losses, "tokens": self.tokens,
+                "aux": self.aux}  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.trained_tokens, self.losses, self.tokens = (
+            state["trained_tokens"],
+            state["losses"],
+            state["tokens"],
+        )
+        self.aux = {name: list(sums) for name, sums in state.get("aux", {}).items()}
 
     def reset(self) -> None:
         self.losses: list[float] = []
@@ -368,12 +385,13 @@ class ProgressBar(Callback):
 
 
 class MetricsFile(Callback):
-    """metrics.jsonl: one JSON object per report. On resume, records after the checkpoint's step are dropped."""
+    """metrics.jsonl: one JSON object per report. On resume, records after the checkpoint's step are dropped, and so
+    is a torn last line (what a power cut during a write leaves)."""
 
     def __init__(self, path: Path, keep_until: int = 0):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in _read_lines(path) if keep_until and json.loads(line)["step"] <= keep_until]
+        kept = [line for line, record in _records(path) if keep_until and record["step"] <= keep_until]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def on_report(self, record: dict[str, Any]) -> None:
@@ -381,50 +399,113 @@ class MetricsFile(Callback):
             file.write(json.dumps(record) + "\n")
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each readable line of metrics.jsonl that has a step."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append((line, record))
+    return records
 
 
 def save_checkpoint(
-    model: nn.Module, optimizer: optim.Optimizer, folder: Path, step: int, position: int, world_size: int
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    folder: Path,
+    step: int,
+    position: int,
+    world_size: int,
+    window: _Window | None = None,
+    kept: Path | None = None,
 ) -> None:
-    """Trainable weights, optimizer state, step, RNG key and data position, replaced atomically as one folder."""
-    from llama2_mlx.model_folder import atomic_folder
+    """Trainable weights, optimizer state, step, RNG key, data position and the unreported steps' statistics,
+    replaced atomically as one folder. Non-finite weights are never written: the run stops instead."""
+    from llama2_mlx.destination import atomic_folder
 
-    key = mx.random.state[0].tolist()
-    with atomic_folder(folder, force=True) as tmp:
-        mx.save_safetensors(
-            str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    optimizer_state = dict(tree_flatten(optimizer.state))
+    if not all(mx.all(mx.isfinite(v)).item() for v in [*weights.values(), *optimizer_state.values()]):
+        raise Llama2MLXError(
+            f"training stopped at step {step}: the weights became non-finite (nan/inf) and were not saved; "
+            f"{_kept(kept)} (try a lower --lr)"
         )
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        state = {"step": step, "data_position": position, "rng_key": key, "world_size": world_size}
+    key = mx.random.state[0].tolist()
+    state = {"step": step, "data_position": position, "rng_key": key, "world_size": world_size}
+    if window is not None:
+        state["window"] = window.state()
+    with atomic_folder(folder, force=True) as tmp:
+        mx.save_safetensors(str(tmp / "trainable.safetensors"), weights)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
-def load_checkpoint(model: nn.Module, optimizer: optim.Optimizer, folder: Path) -> int:
+def load_checkpoint(
+    model: nn.Module, optimizer: optim.Optimizer, folder: Path, window: _Window | None = None
+) -> int:
     """Restore what `save_checkpoint` wrote; returns the step to continue from."""
+    from llama2_mlx.fileio import read_json
+
     state_file = folder / "trainer_state.json"
     if not state_file.is_file():
         raise Llama2MLXError(f"{folder}: no checkpoint to resume from (trainer_state.json missing)")
-    state = json.loads(state_file.read_text())
+    state = read_json(state_file, "--resume")
+    if not (
+        isinstance(state, dict)
+        and all(isinstance(state.get(k), int) and state[k] >= 0 for k in ("step", "data_position"))
+        and isinstance(state.get("rng_key"), list)
+        and len(state["rng_key"]) == 2
+        and all(isinstance(k, int) and 0 <= k < 2**32 for k in state["rng_key"])
+    ):
+        raise Llama2MLXError(f"{state_file}: corrupt trainer state; start again with a new --out")
     world_size = mx.distributed.init().size()
     if state.get("world_size", 1) != world_size:
         raise Llama2MLXError(
             f"{state_file}: saved with {state['world_size']} process(es), resuming with {world_size}; "
             "the data position would not match"
         )
-    weights = mx.load(str(folder / "trainable.safetensors"))
+    weights = _load_tensors(folder / "trainable.safetensors")
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected):
         raise Llama2MLXError(
             f"{folder}: the checkpoint's trainable tensors do not match this model and settings"
         )
+    for name, array in weights.items():
+        if array.shape != expected[name].shape:
+            raise Llama2MLXError(
+                f"{folder}: tensor {name} has shape {tuple(array.shape)} in the checkpoint, "
+                f"{tuple(expected[name].shape)} with these settings"
+            )
     model.load_weights(list(weights.items()), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    optimizer.state = tree_unflatten(list(_load_tensors(folder / "optimizer.safetensors").items()))
     high, low = state["rng_key"]
     mx.random.seed((high << 32) | low)
     mx.eval(model.parameters(), optimizer.state)
+    saved_window = state.get("window")
+    if window is not None and saved_window is not None:
+        if not (
+            isinstance(saved_window, dict)
+            and isinstance(saved_window.get("trained_tokens"), int)
+            and isinstance(saved_window.get("tokens"), int)
+            and isinstance(saved_window.get("losses"), list)
+            and all(isinstance(x, int | float) for x in saved_window["losses"])
+        ):
+            raise Llama2MLXError(
+                f"{state_file}: corrupt trainer state (window); start again with a new --out"
+            )
+        window.restore(saved_window)
     return state["step"]
+
+
+def _load_tensors(path: Path) -> dict[str, mx.array]:
+    from llama2_mlx.checkpoints.safetensors_file import load_safetensors
+
+    return load_safetensors(path)
 
 
 @contextmanager

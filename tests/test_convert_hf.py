@@ -76,6 +76,7 @@ def test_sharded_pytorch_bin_bfloat16(model, tmp_path, tokenizer_dir):
     source = tmp_path / "hf"
     source.mkdir()
     model.config.save_pretrained(source)
+    shutil.copy(tokenizer_dir / "tokenizer.model", source / "tokenizer.model")
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(
         8

@@ -64,7 +64,7 @@ def test_hub_id_from_offline_cache(offline_cache, tmp_path, tokenizer_dir):
     assert (tmp_path / "out" / "tokenizer.model").is_file()
 
 
-def test_bin_only_repo_and_missing_repo(offline_cache, tmp_path):
+def test_bin_only_repo_and_missing_repo(offline_cache, tmp_path, tokenizer_dir):
     model = hf_model(seed=6)
     model.save_pretrained(tmp_path / "saved")
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
@@ -74,6 +74,7 @@ def test_bin_only_repo_and_missing_repo(offline_cache, tmp_path):
         {
             "config.json": tmp_path / "saved" / "config.json",
             "pytorch_model.bin": tmp_path / "pytorch_model.bin",
+            "tokenizer.model": tokenizer_dir / "tokenizer.model",
         },
     )
     convert("someone/bin-only", tmp_path / "out")

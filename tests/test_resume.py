@@ -85,6 +85,6 @@ def test_checkpoint_without_resume_is_refused(tmp_path, tiny_model_dir):
             "--batch-size", "2", "--seq-len", "32", "--no-progress"]  # fmt: skip
     assert CliRunner().invoke(cli, args).exit_code == 0
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1 and "a checkpoint exists; use --resume" in result.output
-    result = CliRunner().invoke(cli, [*args[:-3], "--iters", "3", "--resume", "--no-progress"])
+    assert result.exit_code == 1 and "holds a sft run with a checkpoint; use --resume" in result.output
+    result = CliRunner().invoke(cli, [*args, "--iters", "3", "--resume"])
     assert result.exit_code == 0 and "done: 3 steps" in result.output, result.output

@@ -152,7 +152,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         yield from good(start + 3)
 
     model = random_model(tiny_args())
-    with pytest.raises(Llama2MLXError, match=r"loss became nan at step 4.*last good checkpoint"):
+    with pytest.raises(
+        Llama2MLXError, match=r"stopped at step 4: the loss is nan.*not applied.*last good checkpoint"
+    ):
         run(model, poisoned, iters=6, save_every=2, out_dir=tmp_path)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2

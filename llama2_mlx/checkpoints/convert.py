@@ -22,9 +22,9 @@ from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource
 from llama2_mlx.checkpoints.hf import read_hf
 from llama2_mlx.checkpoints.hub import resolve
 from llama2_mlx.checkpoints.meta import is_meta_folder, read_meta
+from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import (
-    atomic_folder,
     build_model,
     copy_tokenizer,
     write_config,
@@ -92,11 +92,11 @@ def convert(
     target = _parse_dtype(dtype)
     quantization = _quantization(quantize, group_size)
     done = 0
-    with atomic_folder(
-        dst, force=force
-    ) as tmp:  # first, so an existing DST fails before any download or md5 sum
+    # first, so an existing or busy DST fails before any download or md5 sum
+    with atomic_folder(dst, force=force, inputs=[src]) as tmp:
         checkpoint = open_checkpoint(src, verify)
         _check_tensors(checkpoint, _model_parameters(checkpoint, None))
+        _check_tokenizer(checkpoint)
         quantized = _model_parameters(checkpoint, quantization) if quantization else {}
         plan = {
             name: _outputs(name, tensor, target, quantized) for name, tensor in checkpoint.tensors.items()
@@ -179,11 +179,28 @@ def _check_tensors(checkpoint: Checkpoint, expected: dict[str, mx.array]) -> Non
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise Llama2MLXError(f"{checkpoint.source}: unexpected tensor {unexpected[0]}{more}")
     for name, tensor in sorted(checkpoint.tensors.items()):
+        if not mx.issubdtype(tensor.dtype, mx.floating):
+            raise Llama2MLXError(
+                f"{checkpoint.source}: tensor {name} has dtype {_dtype_name(tensor.dtype)}; weights must be floats"
+            )
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise Llama2MLXError(
                 f"{checkpoint.source}: tensor {name} has shape {tuple(tensor.shape)}, "
                 f"the config expects {tuple(expected[name].shape)}"
             )
+
+
+def _check_tokenizer(checkpoint: Checkpoint) -> None:
+    """A model folder without a (working, matching) tokenizer.model is one no command can use: refuse it now."""
+    from llama2_mlx.tokenizer import Tokenizer
+
+    if checkpoint.tokenizer_dir is None:
+        raise Llama2MLXError(
+            f"{checkpoint.source}: no tokenizer.model beside the weights (or in the folder above); put Llama 2's "
+            "tokenizer.model there"
+        )
+    tokenizer = Tokenizer(checkpoint.tokenizer_dir / "tokenizer.model")
+    tokenizer.check_vocab(checkpoint.args.vocab_size, f"the model's embedding ({checkpoint.source})")
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:

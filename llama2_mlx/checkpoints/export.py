@@ -12,8 +12,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from llama2_mlx.config import ModelArgs
+from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.model_folder import atomic_folder, copy_tokenizer, read_config, read_weights, write_config
+from llama2_mlx.model_folder import (
+    build_model,
+    check_weights,
+    copy_tokenizer,
+    read_config,
+    read_quantization,
+    read_weights,
+    write_config,
+)
 from llama2_mlx.shard_writer import Entry, ShardWriter
 
 FORMATS = ("hf",)
@@ -27,8 +37,12 @@ def export(
         raise Llama2MLXError(f"export format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
     folder = Path(model_dir)
     config = read_config(folder)
+    source = str(folder / "config.json")
+    quantization = read_quantization(config, source)
+    config.pop("quantization", None)
     weights = read_weights(folder)  # lazy: each tensor is read when evaluated below
-    quantization = config.pop("quantization", None)
+    # every tensor the config implies, no other, right shapes: an incomplete folder is not exported
+    check_weights(build_model(ModelArgs.from_hf_config(config, source), quantization), weights, str(folder))
     quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
     if quantized and not quantization:
         raise Llama2MLXError(f'{folder / "config.json"}: quantized tensors but no "quantization" entry')
@@ -37,7 +51,7 @@ def export(
         for name in sorted(weights)
         if _kept(name, quantized)
     ]
-    with atomic_folder(dst, force=force) as tmp:
+    with atomic_folder(dst, force=force, inputs=[folder]) as tmp:
         with ShardWriter(tmp, [[entry] for entry in outputs]) as writer:
             for name, _, _ in outputs:
                 stem = name.rsplit(".", 1)[0]

@@ -7,23 +7,18 @@ Both weight formats are read as `LazyTensor`s: the safetensors header gives each
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 
 import mlx.core as mx
 
 from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource, row_blocks
 from llama2_mlx.checkpoints.pth import LazyTensor, read_pth
+from llama2_mlx.checkpoints.safetensors_file import read_safetensors
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older HF checkpoints saved; recomputed by RoPE
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
-MAX_HEADER_BYTES = 100 * 2**20
 
 
 def meta_to_hf_rows(weight: mx.array, n_heads: int) -> mx.array:
@@ -55,48 +50,6 @@ def read_hf(folder: Path) -> Checkpoint:
     dtype = tensors["model.norm.weight"].dtype if "model.norm.weight" in tensors else mx.float32
     tokenizer = folder if (folder / "tokenizer.model").is_file() else None
     return Checkpoint(args, tensors, dtype, str(folder), tokenizer)
-
-
-def read_safetensors(path: Path) -> dict[str, LazyTensor]:
-    """The tensors of a safetensors file from its JSON header; no data is read."""
-    size = path.stat().st_size
-    with path.open("rb") as file:
-        head = file.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
-            raise Llama2MLXError(
-                f"{path}: cannot read safetensors (bad header length; truncated or not safetensors)"
-            )
-        try:
-            header = json.loads(file.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise Llama2MLXError(f"{path}: cannot read safetensors (corrupt header: {error})") from None
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = (
-                SAFETENSORS_DTYPES[info["dtype"]],
-                tuple(info["shape"]),
-                info["data_offsets"],
-            )
-        except (KeyError, TypeError, ValueError):
-            raise Llama2MLXError(f"{path}: cannot read safetensors entry {name!r}: {info!r:.100}") from None
-        numel = math.prod(shape)
-        tensor = LazyTensor(path, 8 + length + begin, numel, 0, shape, _contiguous_strides(shape), dtype)
-        if end - begin != tensor.nbytes:
-            raise Llama2MLXError(
-                f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {tensor.nbytes}"
-            )
-        if 8 + length + end > size:
-            raise Llama2MLXError(f"{path}: tensor {name!r} reaches past the end of the file; it is truncated")
-        tensors[name] = tensor
-    return tensors
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[axis + 1 :]) for axis in range(len(shape)))
 
 
 def _blocks(tensor: LazyTensor):

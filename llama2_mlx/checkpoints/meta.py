@@ -19,7 +19,8 @@ from llama2_mlx.checkpoints.hf import meta_to_hf_rows
 from llama2_mlx.checkpoints.pth import LazyTensor, read_pth
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.fileio import read_json
+from llama2_mlx.fileio import read_json, utf8_lines
+from llama2_mlx.tokenizer import Tokenizer
 
 # Meta name (with the layer as N) -> (Hugging Face name, axis the shards are concatenated on; None = replicated)
 _LAYOUT: dict[str, tuple[str, int | None]] = {
@@ -60,7 +61,7 @@ def read_meta(folder: Path, verify: bool = False) -> Checkpoint:
     vocab = tables[0]["tok_embeddings.weight"].shape[0]
     tokenizer_dir = next((d for d in (folder, folder.parent) if (d / "tokenizer.model").is_file()), None)
     if tokenizer_dir is not None:
-        _check_tokenizer_vocab(tokenizer_dir / "tokenizer.model", vocab)
+        Tokenizer(tokenizer_dir / "tokenizer.model").check_vocab(vocab, "tok_embeddings")
     args = ModelArgs.from_meta_params(params, vocab, source=str(folder / "params.json"))
 
     tensors = {}
@@ -83,7 +84,9 @@ def verify_checklist(folder: Path) -> None:
     checklist = folder / "checklist.chk"
     if not checklist.is_file():
         raise Llama2MLXError(f"{checklist}: missing; --verify needs Meta's checklist of md5 sums")
-    for number, line in enumerate(checklist.read_text().splitlines(), start=1):
+    for number, line in utf8_lines(checklist):
+        if line is None:
+            raise Llama2MLXError(f"{checklist}:{number}: not UTF-8 text")
         if not line.strip():
             continue
         fields = line.split()
@@ -147,17 +150,6 @@ def _check_model_parallel(params: dict, shards: list[Path], tables: list[dict[st
             f"{shards[0].parent}: found {len(shards)} consolidated.*.pth file(s) but the tensor shapes "
             f"(wq {rows} of dim {params['dim']} rows per shard) imply {implied}"
         )
-
-
-def _check_tokenizer_vocab(path: Path, vocab: int) -> None:
-    import sentencepiece
-
-    try:
-        pieces = sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    except (OSError, RuntimeError) as error:
-        raise Llama2MLXError(f"{path}: not a sentencepiece model ({error})") from None
-    if pieces != vocab:
-        raise Llama2MLXError(f"{path}: tokenizer has {pieces} pieces but tok_embeddings has {vocab} rows")
 
 
 def _merged_shape(name: str, parts: list[tuple[Path, LazyTensor]], axis: int | None) -> tuple[int, ...]:

@@ -15,17 +15,29 @@ from llama2_mlx.errors import Llama2MLXError
 
 
 class _Group(click.Group):
-    """Turns `Llama2MLXError` into one line on stderr and exit code 1 (a traceback only with --debug)."""
+    """The one error path: `Llama2MLXError` and operating-system errors (read-only folder, disk full, a file where
+    a folder should be) become one line on stderr and exit code 1 (a traceback only with --debug)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except Llama2MLXError as error:
+        except (Llama2MLXError, OSError) as error:
             if ctx.params.get("debug"):
                 raise
-            message = str(error)  # some messages are quoted verbatim and already begin with "Error:"
+            message = str(error) if isinstance(error, Llama2MLXError) else _os_error_line(error)
+            # some messages are quoted verbatim and already begin with "Error:"
             click.echo(message if message.startswith("Error:") else f"error: {message}", err=True)
             ctx.exit(1)
+
+
+def _os_error_line(error: OSError) -> str:
+    """`path: reason` (`path -> other: reason` for a rename), the path first as in every other message."""
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return reason
+    if error.filename2 is not None:
+        return f"{error.filename} -> {error.filename2}: {reason}"
+    return f"{error.filename}: {reason}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

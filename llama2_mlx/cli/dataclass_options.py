@@ -9,28 +9,21 @@ user actually typed, so a flag always wins over the file.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import click
 
+from llama2_mlx.config_fields import field_type
 from llama2_mlx.errors import Llama2MLXError
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
-def _base_type(annotation: Any) -> type:
-    """`int | None` -> int."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
-    return annotation
-
-
 def _fields(cls: type, skip: tuple[str, ...]) -> list[tuple[dataclasses.Field, type]]:
     hints = typing.get_type_hints(cls)
-    return [(f, _base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.name not in skip]
+    return [(f, field_type(hints[f.name])[0]) for f in dataclasses.fields(cls) if f.name not in skip]
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -96,9 +89,11 @@ def _read_yaml(path: Path, known: dict[str, type], aliases: dict[str, str]) -> d
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise Llama2MLXError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise Llama2MLXError(f"{path}: not valid YAML ({error})") from None
+        raise Llama2MLXError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):
         raise Llama2MLXError(f"{path}: expected a mapping of option names to values")
     values = {}
@@ -107,13 +102,20 @@ def _read_yaml(path: Path, known: dict[str, type], aliases: dict[str, str]) -> d
         if name not in known:
             raise Llama2MLXError(f"{path}: unknown key '{key}'")
         kind = known[name]
+        if kind in (int, float) and isinstance(value, str):  # PyYAML reads `lr: 1e-4` as a string
+            try:
+                value = kind(value)
+            except ValueError:
+                raise Llama2MLXError(f"{path}: '{key}' must be a number, got {value!r}") from None
         if value is not None and kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind is str and isinstance(value, list):  # e.g. targets: [q, v]
             value = ",".join(map(str, value))
         if kind is str and isinstance(value, int | float) and not isinstance(value, bool):  # e.g. layers: 4
             value = str(value)
-        if value is not None and not isinstance(value, kind):
+        if value is not None and (
+            not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+        ):
             raise Llama2MLXError(f"{path}: '{key}' must be {kind.__name__}, got {value!r}")
         values[name] = value
     return values

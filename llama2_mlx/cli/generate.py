@@ -96,6 +96,10 @@ def chat(model, system, max_tokens, temperature, top_p, top_k, seed, adapter, dt
     net, tok = _load(model, adapter, dtype)
     session = ChatSession(net, tok, system, max_tokens, temperature, top_p, top_k, seed)
     prompt = ""
+    if hasattr(
+        sys.stdin, "reconfigure"
+    ):  # a line that is not UTF-8 must not end the session: the tokenizer refuses it
+        sys.stdin.reconfigure(errors="surrogateescape")
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
 

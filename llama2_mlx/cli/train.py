@@ -112,12 +112,13 @@ def plot(run_dir: str, out: str | None) -> None:
 @click.option("--top-p", default=0.9, show_default=True, help="Nucleus sampling mass (Meta's default).")
 @click.option("--seed", default=0, show_default=True, help="Seed for instruction choice and sampling.")
 @click.option("--batch-size", default=16, show_default=True, help="Dialogs sampled together.")
-def gatt_data(model, dialogs, instructions, out, adapter, **sampling) -> None:  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def gatt_data(model, dialogs, instructions, out, adapter, force, **sampling) -> None:  # fmt: skip
     """Build Ghost Attention dialogs: answers sampled with the instruction on every user message, kept only as
     the first turn's system message in the output (train with `sft --gatt`)."""
     from llama2_mlx.gatt import run_gatt_data
 
-    count = run_gatt_data(model, dialogs, instructions, out, adapter=adapter, **sampling)
+    count = run_gatt_data(model, dialogs, instructions, out, adapter=adapter, force=force, **sampling)
     click.echo(f"wrote {count} dialogs to {out}")
 
 

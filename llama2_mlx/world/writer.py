@@ -80,7 +80,7 @@ def write_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int]
     Layout: corpus.txt, corpus_valid.txt (pretraining), sft/{train,valid}.jsonl (chat format),
     preferences/{train,valid}.jsonl, prompts.jsonl, heldout.jsonl, world.json (seed and sizes).
     """
-    from llama2_mlx.model_folder import atomic_folder
+    from llama2_mlx.destination import atomic_folder
 
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     heldout = heldout_dialogs(sizes["heldout"], seed)
@@ -112,7 +112,7 @@ def write_world(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int]
 
 def write_examples(out_dir: str | os.PathLike, seed: int = 0, count: int = 6) -> dict[str, int]:
     """A few lines of every DESIGN.md data format (examples/data), plus held-out prompts for `eval`."""
-    from llama2_mlx.model_folder import atomic_folder
+    from llama2_mlx.destination import atomic_folder
 
     rng = random.Random(f"{seed}:examples")
     singles = [draw_dialog("single", rng) for _ in range(count)]
