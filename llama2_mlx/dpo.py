@@ -11,10 +11,9 @@ even with --full (which elsewhere needs a frozen copy).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,7 @@ from llama2_mlx.finetune import FineTuneConfig
 from llama2_mlx.preferences import Pair, PairBatcher
 from llama2_mlx.trainer import Batch
 
-CONFIG_FILE = "dpo_config.json"
 LOSSES = ("sigmoid", "ipo")
-RESUMABLE_CHANGES = frozenset(
-    {"iters", "epochs", "save_every", "eval_every", "report_every", "val_batches", "progress", "resume",
-     "grad_checkpoint"}
-)  # fmt: skip
 
 
 @dataclass
@@ -161,44 +155,22 @@ def preference_metrics(model, batcher: DPOBatcher, beta: float, loss: str) -> di
     return {"val_accuracy": sum(g > 0 for g in gaps) / len(gaps), "val_reward_margin": sum(gaps) / len(gaps)}
 
 
-def check_resume(out: Path, config: DPOConfig) -> None:
-    from llama2_mlx.fileio import read_json
-
-    if not (out / "checkpoint").is_dir():
-        raise Llama2MLXError(f"{out}: no DPO run to resume (no checkpoint/)")
-    saved = read_json(out / CONFIG_FILE, "--resume")
-    current = asdict(config)
-    changed = sorted(n for n in current if n not in RESUMABLE_CHANGES and saved.get(n) != current[n])
-    if changed:
-        names = ", ".join(f"--{n.replace('_', '-')} ({saved.get(n)!r} -> {current[n]!r})" for n in changed)
-        raise Llama2MLXError(
-            f"{out}: cannot resume with different {names}; use the saved values or a new --out"
-        )
-
-
 def run_dpo(config: DPOConfig, announce: Callable[[str], None] | None = None):
     """DPO of `config.model` (+ `config.adapter`) on `config.data`; returns (TrainResult, DataReport, the last
     validation metrics or None). Everything is checked before anything is written."""
     import mlx.core as mx
 
-    from llama2_mlx.fileio import write_model_files, write_text_atomic
-    from llama2_mlx.finetune import make_trainable
+    from llama2_mlx.fileio import write_model_files
+    from llama2_mlx.finetune import AdapterWriter, claim_job_folder, make_trainable, meaning_fields
     from llama2_mlx.loading import demo_model_path, load
-    from llama2_mlx.lora import save_adapters, write_adapter_config
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
     from llama2_mlx.preferences import load_pairs
-    from llama2_mlx.trainer import Callback, TrainConfig, train
+    from llama2_mlx.run_folder import continues_checkpoint
+    from llama2_mlx.trainer import TrainConfig, train
 
     world = mx.distributed.init()
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
-    if config.resume:
-        check_resume(out, config)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Llama2MLXError(
-            f"{out}: already exists; choose a new --out, or add --resume to continue its run"
-        )
-
     mx.random.seed(config.seed)
     model, tokenizer = load(model_path)
     train_pairs, valid_pairs, report = load_pairs(
@@ -229,25 +201,19 @@ def run_dpo(config: DPOConfig, announce: Callable[[str], None] | None = None):
 
     train_config = TrainConfig.from_job(config, len(batches))
     optimizer = make_optimizer(OptimizerConfig.from_job(config), train_config.iters)
-    if world.rank() == 0:  # every check has passed: now the run folder is written
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
-        if lora is not None:
-            write_adapter_config(out, lora, len(model.layers), str(model_path))
-
-    class SaveAdapters(Callback):
-        def on_checkpoint(self, step: int, folder: Path) -> None:
-            save_adapters(model, out)
-
-    if announce is not None and world.rank() == 0:
-        announce(
-            f"data: {report.summary()}; {len(train_pairs)} pairs for training, {len(valid_pairs)} for validation;"
-            f" {len(batches)} batches per epoch, {train_config.iters} steps; {config.loss} loss, beta {config.beta}"
-        )
-    loss = partial(dpo_loss, beta=config.beta, loss=config.loss)
-    callbacks = [SaveAdapters()] if lora is not None else []
-    result = train(model, optimizer, loss, batches, train_config, val_batches, callbacks, val_metrics)
-    if config.full and world.rank() == 0:
-        write_model_files(model, out, tokenizer_dir=model_path)
+    with claim_job_folder(config, "dpo", model_path, meaning_fields(config), world.rank() == 0) as run:
+        if announce is not None and world.rank() == 0:
+            announce(
+                f"data: {report.summary()}; {len(train_pairs)} pairs for training, {len(valid_pairs)} for "
+                f"validation; {len(batches)} batches per epoch, {train_config.iters} steps; {config.loss} loss, "
+                f"beta {config.beta}"
+            )
+        train_config.resume = continues_checkpoint(out, config.resume)
+        callbacks = [run.callback] if run is not None else []
+        callbacks += [AdapterWriter(model, out, lora, model_path)] if lora is not None else []
+        loss = partial(dpo_loss, beta=config.beta, loss=config.loss)
+        result = train(model, optimizer, loss, batches, train_config, val_batches, callbacks, val_metrics)
+        if config.full and world.rank() == 0:
+            write_model_files(model, out, tokenizer_dir=model_path)
     metrics = next((r for r in reversed(result.history) if "val_accuracy" in r), None)
     return result, report, metrics

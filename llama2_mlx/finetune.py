@@ -9,14 +9,24 @@ so `llama2-mlx COMMAND --help` and `-c config.yaml` stay the same across command
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import mlx.nn as nn
 
 from llama2_mlx.config_fields import SEED_RANGE, validate_fields
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.lora import LoRAConfig, apply_adapter, apply_lora, read_adapter_config
+from llama2_mlx.lora import (
+    LoRAConfig,
+    apply_adapter,
+    apply_lora,
+    read_adapter_config,
+    save_adapters,
+    write_adapter_config,
+)
+from llama2_mlx.trainer import Callback
 
 
 @dataclass
@@ -136,3 +146,47 @@ def make_trainable(
     else:
         apply_lora(model, lora)
     return lora
+
+
+# Flags that may change on --resume in every job: they change how long or how verbosely a run goes, or how it
+# computes, not what it computes. Jobs add their own (e.g. rejection sampling's number of iterations).
+RESUMABLE_FLAGS = frozenset({"iters", "epochs", "save_every", "eval_every", "report_every", "val_batches",
+                             "progress", "resume", "force", "grad_checkpoint"})  # fmt: skip
+
+
+def meaning_fields(config: FineTuneConfig, resumable: Iterable[str] = ()) -> tuple[str, ...]:
+    """The flags --resume may not change (every one but the resumable), plus the data's fingerprint."""
+    allowed = RESUMABLE_FLAGS | set(resumable)
+    return (*(f.name for f in fields(config) if f.name not in allowed), "data_fingerprint")
+
+
+def claim_job_folder(
+    config: FineTuneConfig, job: str, model_path: Path, meaning: Iterable[str], is_main: bool = True
+) -> AbstractContextManager:
+    """`run_folder.claim_run_folder` for a fine-tuning job (rank 0 only; other ranks get a null context): records
+    the flags with the model and data as absolute paths and the data's fingerprint in `<job>_config.json`.
+
+    Call it after every other check has passed; inside the `with`, the folder is the job's to write."""
+    from llama2_mlx.run_folder import claim_run_folder, fingerprint
+
+    if not is_main:
+        return nullcontext()
+    recorded = {**asdict(config), "model": str(model_path.resolve()), "data": str(Path(config.data).resolve()),
+                "data_fingerprint": fingerprint(config.data)}  # fmt: skip
+    return claim_run_folder(
+        config.out, job, recorded, config.resume, config.force, meaning, inputs=[model_path, config.data]
+    )
+
+
+class AdapterWriter(Callback):
+    """Keeps a LoRA job's --out an adapter folder: adapter_config.json once the folder is claimed, the trained A/B
+    matrices at every checkpoint (what `load(..., adapter=)`, `chat --adapter` and `fuse` read)."""
+
+    def __init__(self, model: nn.Module, out: Path, lora: LoRAConfig, base_model: Path):
+        self.model, self.out, self.lora, self.base_model = model, Path(out), lora, base_model
+
+    def on_start(self, step: int) -> None:
+        write_adapter_config(self.out, self.lora, len(self.model.layers), str(self.base_model))
+
+    def on_checkpoint(self, step: int, folder: Path) -> None:
+        save_adapters(self.model, self.out)

@@ -14,11 +14,10 @@ optimised in minibatches by the shared training loop, which sees a rollout as `p
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,11 @@ from llama2_mlx.finetune import FineTuneConfig
 from llama2_mlx.rewards import RewardFlags
 from llama2_mlx.trainer import Batch
 
-CONFIG_FILE = "ppo_config.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 ROLLOUT_FILE = "rollout.safetensors"  # the current rollout, so a resume inside it continues exactly
 FULL_LR, LORA_LR = 1e-6, 1e-5
 # FineTuneConfig flags with no meaning for PPO (no validation set, no epochs over data): not offered.
 UNUSED_FLAGS = ("epochs", "valid_fraction", "val_batches", "eval_every", "seq_len")
-RESUMABLE_CHANGES = frozenset({"iters", "save_every", "report_every", "progress", "resume", "grad_checkpoint",
-                               "score_batch"})  # fmt: skip
 
 
 @dataclass
@@ -306,33 +302,19 @@ class RolloutSource:
                 "kl": kl.sum(axis=1).astype(np.float32)}  # fmt: skip
 
 
-def check_resume(out: Path, config: PPOConfig) -> None:
-    from llama2_mlx.fileio import read_json
-
-    if not (out / "checkpoint").is_dir():
-        raise Llama2MLXError(f"{out}: no PPO run to resume (no checkpoint/)")
-    saved = read_json(out / CONFIG_FILE, "--resume")
-    current = asdict(config)
-    changed = sorted(n for n in current if n not in RESUMABLE_CHANGES and saved.get(n) != current[n])
-    if changed:
-        names = ", ".join(f"--{n.replace('_', '-')} ({saved.get(n)!r} -> {current[n]!r})" for n in changed)
-        raise Llama2MLXError(
-            f"{out}: cannot resume with different {names}; use the saved values or a new --out"
-        )
-
-
 def run_ppo(config: PPOConfig, announce: Callable[[str], None] | None = None):
     """PPO of `config.model` (+ `config.adapter`) on `config.data`; returns the trainer's result.
 
     Everything (flags, models, tokenizers, prompts, the reward function) is checked before anything is written."""
-    from llama2_mlx.fileio import save_safetensors_atomic, write_model_files, write_text_atomic
-    from llama2_mlx.finetune import make_trainable
+    from llama2_mlx.fileio import save_safetensors_atomic, write_model_files
+    from llama2_mlx.finetune import AdapterWriter, claim_job_folder, make_trainable, meaning_fields
     from llama2_mlx.loading import demo_model_path, load
-    from llama2_mlx.lora import lora_parameters, save_adapters, write_adapter_config
+    from llama2_mlx.lora import lora_parameters
     from llama2_mlx.model_folder import load_model
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
     from llama2_mlx.prompts import read_prompts
     from llama2_mlx.rewards import reward_source
+    from llama2_mlx.run_folder import continues_checkpoint
     from llama2_mlx.trainer import Callback, TrainConfig, train
 
     say = announce or (lambda line: None)
@@ -341,13 +323,6 @@ def run_ppo(config: PPOConfig, announce: Callable[[str], None] | None = None):
         raise Llama2MLXError("ppo runs in one process (its rollouts are not split across processes yet)")
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
-    if config.resume:
-        check_resume(out, config)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Llama2MLXError(
-            f"{out}: already exists; choose a new --out, or add --resume to continue its run"
-        )
-
     mx.random.seed(config.seed)
     policy, tokenizer = load(model_path)
     prompts = read_prompts(Path(config.data), tokenizer, policy.args.max_seq_len, config.max_tokens,
@@ -374,24 +349,20 @@ def run_ppo(config: PPOConfig, announce: Callable[[str], None] | None = None):
     )
     source = RolloutSource(network, tokenizer, prompts, rewards, config, _reference_call(reference), out, say)
 
-    out.mkdir(parents=True, exist_ok=True)  # every check has passed: now the run folder is written
-    if not config.resume:
-        write_text_atomic(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
-        if lora is not None:
-            write_adapter_config(out, lora, len(policy.layers), str(model_path))
-
-    class SaveAdapter(Callback):
+    class SaveValueHead(Callback):
         def on_checkpoint(self, step: int, folder: Path) -> None:
             save_safetensors_atomic(out / VALUE_HEAD_FILE, {"weight": network.value_head.weight})
-            if lora is not None:
-                save_adapters(policy, out)
 
-    say(f"prompts: {len(prompts)}; {config.iters} rollouts of {config.batch_size} prompts, "
-        f"{config.steps_per_rollout} optimizer steps each ({train_config.iters} steps)")  # fmt: skip
-    loss = partial(ppo_loss, clip=config.clip, value_clip=config.value_clip, vf_coef=config.vf_coef)
-    result = train(network, optimizer, loss, source, train_config, None, [SaveAdapter()])
-    if config.full:
-        write_model_files(policy, out, tokenizer_dir=model_path)
+    with claim_job_folder(config, "ppo", model_path, meaning_fields(config, {"score_batch"})) as run:
+        say(f"prompts: {len(prompts)}; {config.iters} rollouts of {config.batch_size} prompts, "
+            f"{config.steps_per_rollout} optimizer steps each ({train_config.iters} steps)")  # fmt: skip
+        train_config.resume = continues_checkpoint(out, config.resume)
+        callbacks = [run.callback, SaveValueHead()]
+        callbacks += [AdapterWriter(policy, out, lora, model_path)] if lora is not None else []
+        loss = partial(ppo_loss, clip=config.clip, value_clip=config.value_clip, vf_coef=config.vf_coef)
+        result = train(network, optimizer, loss, source, train_config, None, callbacks)
+        if config.full:
+            write_model_files(policy, out, tokenizer_dir=model_path)
     return result
 
 

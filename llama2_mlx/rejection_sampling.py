@@ -18,7 +18,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from math import comb
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,7 @@ from llama2_mlx.finetune import FineTuneConfig
 from llama2_mlx.prompts import PromptRow, read_prompts
 from llama2_mlx.rewards import RewardFlags, reward_source
 
-CONFIG_FILE = "rs_config.json"
 REPORT_FILE = "report.md"
-# Flags that may change on --resume (more iterations, other reporting); everything else changes what is computed.
-RESUMABLE_CHANGES = frozenset(
-    {"iterations", "save_every", "eval_every", "report_every", "val_batches", "progress", "resume",
-     "grad_checkpoint", "sample_batch", "score_batch"}
-)  # fmt: skip
 
 
 @dataclass
@@ -187,20 +181,6 @@ def finished_iterations(out: Path) -> list[int]:
     return sorted(numbers)
 
 
-def check_resume(out: Path, config: RejectionConfig) -> list[int]:
-    from llama2_mlx.fileio import read_json
-
-    saved = read_json(out / CONFIG_FILE, "--resume")
-    current = asdict(config)
-    changed = sorted(n for n in current if n not in RESUMABLE_CHANGES and saved.get(n) != current[n])
-    if changed:
-        names = ", ".join(f"--{n.replace('_', '-')} ({saved.get(n)!r} -> {current[n]!r})" for n in changed)
-        raise Llama2MLXError(
-            f"{out}: cannot resume with different {names}; use the saved values or a new --out"
-        )
-    return finished_iterations(out)
-
-
 def run_rejection_sampling(
     config: RejectionConfig, announce: Callable[[str], None] | None = None
 ) -> RejectionResult:
@@ -208,20 +188,13 @@ def run_rejection_sampling(
 
     Everything is checked (flags, models, tokenizers, prompts, the reward function) before anything is written.
     """
-    from llama2_mlx.fileio import write_text_atomic
+    from llama2_mlx.finetune import claim_job_folder, meaning_fields
     from llama2_mlx.loading import demo_model_path, load
     from llama2_mlx.model_folder import read_config
 
     say = announce or (lambda line: None)
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
-    done: list[int] = []
-    if config.resume:
-        done = check_resume(out, config)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Llama2MLXError(
-            f"{out}: already exists; choose a new --out, or add --resume to continue its run"
-        )
     if config.student is not None:
         read_config(Path(config.student))  # a model folder, checked now rather than after the first sampling
 
@@ -229,26 +202,26 @@ def run_rejection_sampling(
     prompts = read_prompts(Path(config.data), tokenizer, policy.args.max_seq_len, config.max_tokens,
                            config.skip_bad_lines)  # fmt: skip
     rewards = reward_source(config, model_path, policy, tokenizer, prompts, say)
-    if not config.resume:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
-
-    pool = [s for n in done for s in _read_samples(out / f"iter-{n}" / "samples.jsonl")]
-    result = RejectionResult(
-        "finished", [json.loads((out / f"iter-{n}" / "summary.json").read_text()) for n in done]
-    )
-    for iteration in range(len(done) + 1, config.iterations + 1):
-        if iteration > 1 and config.student is None:  # sample from the policy the last iteration trained
-            del policy
-            policy, _ = load(model_path, adapter=out / f"iter-{iteration - 1}" / "adapter")
-        summary = _run_iteration(
-            config, iteration, model_path, policy, tokenizer, prompts, rewards, pool, say
-        )
-        if summary is None:
-            result.status = "interrupted"
-            break
-        result.summaries.append(summary)
-        _append_report(out, summary)
+    # every check has passed: claim DIR (locked while the run lasts), then write
+    resumable = {"iterations", "sample_batch", "score_batch"}
+    with claim_job_folder(config, "rs", model_path, meaning_fields(config, resumable)) as run:
+        run.callback.on_start(0)
+        done = finished_iterations(out)
+        pool = [s for n in done for s in _read_samples(out / f"iter-{n}" / "samples.jsonl")]
+        summaries = [json.loads((out / f"iter-{n}" / "summary.json").read_text()) for n in done]
+        result = RejectionResult("finished", summaries)
+        for iteration in range(len(done) + 1, config.iterations + 1):
+            if iteration > 1 and config.student is None:  # sample from the policy the last iteration trained
+                del policy
+                policy, _ = load(model_path, adapter=out / f"iter-{iteration - 1}" / "adapter")
+            summary = _run_iteration(
+                config, iteration, model_path, policy, tokenizer, prompts, rewards, pool, say
+            )
+            if summary is None:
+                result.status = "interrupted"
+                break
+            result.summaries.append(summary)
+            _append_report(out, summary)
     return result
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,6 @@ from typing import Any
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.finetune import FineTuneConfig
 
-CONFIG_FILE = "reward_config.json"
-# Flags that may change on --resume: they change how long or how verbosely the run goes, not what it computes.
-RESUMABLE_CHANGES = frozenset(
-    {"iters", "epochs", "save_every", "eval_every", "report_every", "val_batches", "progress", "resume",
-     "grad_checkpoint"}
-)  # fmt: skip
 FULL_LR, LORA_LR = 1e-5, 1e-4
 
 
@@ -85,27 +79,6 @@ class RewardConfig(FineTuneConfig):
         return min(max(5, math.ceil(0.03 * iters)), iters // 2)
 
 
-def check_resume(out: Path, config: RewardConfig) -> None:
-    """Refuse to continue a run whose saved flags differ in anything that changes what the run computes."""
-    saved_file = out / CONFIG_FILE
-    if not (out / "checkpoint").is_dir() or not saved_file.is_file():
-        raise Llama2MLXError(f"{out}: no reward-model run to resume (no checkpoint/ or {CONFIG_FILE})")
-    from llama2_mlx.fileio import read_json
-
-    saved = read_json(saved_file, "--resume")
-    current = asdict(config)
-    changed = sorted(
-        name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]
-    )
-    if changed:
-        names = ", ".join(
-            f"--{name.replace('_', '-')} ({saved.get(name)!r} -> {current[name]!r})" for name in changed
-        )
-        raise Llama2MLXError(
-            f"{out}: cannot resume with different {names}; use the saved values or a new --out"
-        )
-
-
 def run_train_rm(config: RewardConfig, announce: Callable[[str], None] | None = None):
     """Train a reward model from `config.model` on `config.data`; returns (TrainResult, DataReport, AccuracyReport
     on the validation pairs or None).
@@ -114,27 +87,21 @@ def run_train_rm(config: RewardConfig, announce: Callable[[str], None] | None = 
     """
     import mlx.core as mx
 
-    from llama2_mlx.fileio import write_model_files, write_text_atomic
-    from llama2_mlx.finetune import make_trainable
+    from llama2_mlx.fileio import save_safetensors_atomic, write_model_files, write_text_atomic
+    from llama2_mlx.finetune import claim_job_folder, make_trainable, meaning_fields
     from llama2_mlx.loading import demo_model_path
     from llama2_mlx.lora import save_adapters, write_adapter_config
     from llama2_mlx.model_folder import copy_tokenizer
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
     from llama2_mlx.preferences import PairBatcher, evaluate_pairs, load_pairs, preference_loss
     from llama2_mlx.reward_model import HEAD_FILE, reward_config, reward_model_from_chat
+    from llama2_mlx.run_folder import continues_checkpoint
     from llama2_mlx.tokenizer import Tokenizer
     from llama2_mlx.trainer import Callback, TrainConfig, train
 
     world = mx.distributed.init()
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
-    if config.resume:
-        check_resume(out, config)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise Llama2MLXError(
-            f"{out}: already exists; choose a new --out, or add --resume to continue its run"
-        )
-
     mx.random.seed(config.seed)
     tokenizer = Tokenizer(model_path / "tokenizer.model")
     train_pairs, valid_pairs, report = load_pairs(
@@ -161,36 +128,31 @@ def run_train_rm(config: RewardConfig, announce: Callable[[str], None] | None = 
     base_model = os.path.relpath(model_path.resolve(), out.resolve()) if lora is not None else None
     folder_config = reward_config(network.args, base_model)
 
-    if world.rank() == 0:  # every check has passed: now the run folder is written
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
-        if lora is not None:
-            write_text_atomic(
-                out / "config.json",
-                json.dumps({**network.args.to_hf_config(), **folder_config}, indent=2) + "\n",
-            )
-            write_adapter_config(out, lora, len(network.layers), str(model_path))
-            copy_tokenizer(model_path, out)
-
     class SaveRewardModel(Callback):
+        def on_start(self, step: int) -> None:  # the folder is claimed: its fixed files are written first
+            if lora is not None:
+                config_json = {**network.args.to_hf_config(), **folder_config}
+                write_text_atomic(out / "config.json", json.dumps(config_json, indent=2) + "\n")
+                write_adapter_config(out, lora, len(network.layers), str(model_path))
+                copy_tokenizer(model_path, out)
+
         def on_checkpoint(self, step: int, folder: Path) -> None:
             if lora is None:
                 write_model_files(network, out, tokenizer_dir=model_path, config_extra=folder_config)
                 return
-            from llama2_mlx.fileio import save_safetensors_atomic
-
             save_adapters(network, out)
             save_safetensors_atomic(out / HEAD_FILE, {"score.weight": network.score.weight})
 
-    if announce is not None and world.rank() == 0:
-        announce(
-            f"data: {report.summary()}; {len(train_pairs)} pairs for training, {len(valid_pairs)} for validation;"
-            f" {len(batches)} batches per epoch, {train_config.iters} steps; margin {config.margin}"
-        )
-    loss = partial(preference_loss, center_coef=config.center_coef)
-    result = train(
-        network, optimizer, loss, batches, train_config, val_batches, [SaveRewardModel()], val_metrics
-    )
+    with claim_job_folder(config, "reward", model_path, meaning_fields(config), world.rank() == 0) as run:
+        if announce is not None and world.rank() == 0:
+            announce(
+                f"data: {report.summary()}; {len(train_pairs)} pairs for training, {len(valid_pairs)} for "
+                f"validation; {len(batches)} batches per epoch, {train_config.iters} steps; margin {config.margin}"
+            )
+        train_config.resume = continues_checkpoint(out, config.resume)
+        callbacks = ([run.callback] if run is not None else []) + [SaveRewardModel()]
+        loss = partial(preference_loss, center_coef=config.center_coef)
+        result = train(network, optimizer, loss, batches, train_config, val_batches, callbacks, val_metrics)
     accuracy = None
     if valid_pairs:
         network.eval()

@@ -8,8 +8,7 @@ and `fuse`) or a full model folder (`full`), plus metrics.jsonl, sft_config.json
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -58,13 +57,12 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
 
     from llama2_mlx.data import Batcher, EncodeOptions, load_sft_data
     from llama2_mlx.fileio import write_model_files
-    from llama2_mlx.finetune import make_trainable
+    from llama2_mlx.finetune import AdapterWriter, claim_job_folder, make_trainable
     from llama2_mlx.loading import demo_model_path, load
-    from llama2_mlx.lora import save_adapters, write_adapter_config
     from llama2_mlx.losses import next_token_loss
     from llama2_mlx.optim import OptimizerConfig, make_optimizer
-    from llama2_mlx.run_folder import claim_run_folder, continues_checkpoint, fingerprint
-    from llama2_mlx.trainer import Callback, TrainConfig, train
+    from llama2_mlx.run_folder import continues_checkpoint
+    from llama2_mlx.trainer import TrainConfig, train
 
     world = mx.distributed.init()
     mx.random.seed(config.seed)
@@ -88,30 +86,8 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
 
     train_config = TrainConfig.from_job(config, len(batches))
     optimizer = make_optimizer(OptimizerConfig.from_job(config), train_config.iters)
-    recorded = {**asdict(config), "model": str(model_path.resolve()), "data": str(Path(config.data).resolve()),
-                "data_fingerprint": fingerprint(config.data)}  # fmt: skip
-    claim = (
-        claim_run_folder(
-            out,
-            "sft",
-            recorded,
-            config.resume,
-            config.force,
-            SFT_MEANING_FIELDS,
-            inputs=[model_path, config.data],
-        )  # fmt: skip
-        if world.rank() == 0
-        else nullcontext()
-    )
+    claim = claim_job_folder(config, "sft", model_path, SFT_MEANING_FIELDS, world.rank() == 0)
     with claim as run:  # every check above has passed: from here on the folder is ours
-
-        class SaveAdapters(Callback):
-            def on_start(self, step: int) -> None:
-                write_adapter_config(out, lora, len(model.layers), str(model_path))
-
-            def on_checkpoint(self, step: int, folder: Path) -> None:
-                save_adapters(model, out)
-
         if announce is not None and world.rank() == 0:
             announce(
                 f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for "
@@ -119,7 +95,7 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
             )
         callbacks = [run.callback] if run is not None else []
         train_config.resume = continues_checkpoint(out, config.resume)
-        callbacks += [SaveAdapters()] if lora is not None else []
+        callbacks += [AdapterWriter(model, out, lora, model_path)] if lora is not None else []
         result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
         if config.full and world.rank() == 0:
             write_model_files(model, out, tokenizer_dir=model_path)

@@ -148,7 +148,7 @@ def test_interrupted_iteration_leaves_nothing_and_resume_gives_the_same_selectio
     assert interrupted.exit_code == 130, interrupted.output
     assert sorted(p.name for p in resumed.iterdir()) == ["iter-1", "report.md", "rs_config.json"]
     changed = rejection_sample(prompts, resumed, *flags, "--k", "4", "--resume")
-    assert changed.exit_code == 1 and "--k (8 -> 4)" in changed.output
+    assert changed.exit_code == 1 and "k (8 -> 4)" in changed.output
     finished = rejection_sample(prompts, resumed, *flags, "--resume")
     assert finished.exit_code == 0, finished.output
     for n in (1, 2):

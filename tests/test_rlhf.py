@@ -160,7 +160,7 @@ def test_ppo_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatc
         patch.setattr(MetricsFile, "on_report", ctrl_c_at_step_6)
         assert ppo(prompts, split, *flags).exit_code == 130
     refused = ppo(prompts, split, *flags, "--kl-coef", "0.5", "--resume")
-    assert refused.exit_code == 1 and "--kl-coef" in refused.output
+    assert refused.exit_code == 1 and "kl_coef (0.01 -> 0.5)" in refused.output
     resumed = ppo(prompts, split, *flags, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [r["loss"] for r in records(straight)] == [r["loss"] for r in records(split)]
@@ -191,4 +191,4 @@ def test_dpo_cli_trains_an_adapter_and_reports_reward_accuracy(tmp_path):
                                       "--prompt", "What is 2 + 2?", "--temperature", "0"])  # fmt: skip
     assert answer.exit_code == 0
     again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 1 and "use --resume" in again.output
