@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import atomic_folder, copy_tokenizer, read_config, read_weights, write_config
+from llama2_mlx.reward_model import fused_reward_model, is_reward_folder, reward_config
 from llama2_mlx.shard_writer import Entry, ShardWriter
 
 FORMATS = ("hf",)
@@ -22,12 +24,24 @@ FORMATS = ("hf",)
 def export(
     model_dir: str | os.PathLike, dst: str | os.PathLike, format: str = "hf", force: bool = False
 ) -> Path:
-    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer)."""
+    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer).
+
+    A reward-model folder becomes a `LlamaForSequenceClassification` folder (`score.weight`, `num_labels` 1, and
+    `pad_token_id` by which transformers finds each row's last real token); a LoRA one is fused first, in memory.
+    """
     if format not in FORMATS:
         raise Llama2MLXError(f"export format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
     folder = Path(model_dir)
     config = read_config(folder)
-    weights = read_weights(folder)  # lazy: each tensor is read when evaluated below
+    tokenizer_dir = folder
+    if config.get("base_model") and is_reward_folder(folder):
+        # a LoRA reward model: its adapter is fused in memory (in float, so the rewards stay those it computes)
+        scorer = fused_reward_model(folder, dequantize=True)
+        config = {**scorer.network.args.to_hf_config(), **reward_config(scorer.network.args)}
+        weights, tokenizer_dir = dict(tree_flatten(scorer.network.parameters())), scorer.tokenizer_dir
+        del scorer
+    else:
+        weights = read_weights(folder)  # lazy: each tensor is read when evaluated below
     quantization = config.pop("quantization", None)
     quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
     if quantized and not quantization:
@@ -49,7 +63,7 @@ def export(
         float_dtypes = [dtype for _, _, dtype in outputs if mx.issubdtype(dtype, mx.floating)]
         config["torch_dtype"] = str(float_dtypes[0] if float_dtypes else mx.float32).rsplit(".", 1)[-1]
         write_config(tmp, config)
-        copy_tokenizer(folder, tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
     return Path(dst)
 
 
