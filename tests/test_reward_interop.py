@@ -18,6 +18,7 @@ import llama2_mlx as L
 from llama2_mlx.checkpoints.convert import convert
 from llama2_mlx.cli import cli
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.lora import LoRALinear
 from llama2_mlx.reward_model import PAD_TOKEN_ID, RewardScorer, load_reward_model
 from tests.conftest import TOKENIZER_VOCAB
 
@@ -87,7 +88,7 @@ def assert_rewards_close(ours, theirs, rel: float = 1e-4) -> None:
     assert error <= rel * max(1.0, float(np.abs(theirs).max())), (ours, theirs)
 
 
-def test_fuse_makes_a_standalone_reward_model_with_the_same_rewards(lora_rm, tmp_path, tiny_model_dir):
+def test_fuse_makes_a_standalone_reward_model_with_the_same_rewards(lora_rm, tmp_path):
     out = tmp_path / "fused"
     result = CliRunner().invoke(cli, ["fuse", str(lora_rm), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -105,7 +106,7 @@ def test_fuse_makes_a_standalone_reward_model_with_the_same_rewards(lora_rm, tmp
     # the adapter is in the fused weights: without it (base + trained head) the rewards differ
     without = L.load_reward_model(lora_rm)
     for _, module in without.network.named_modules():
-        if hasattr(module, "lora_b"):
+        if isinstance(module, LoRALinear):
             module.lora_b = mx.zeros_like(module.lora_b)
     gap = np.abs(np.array(our_rewards(without)) - our_rewards(lora)).max()
     assert gap > 1e-2 * max(1.0, np.abs(our_rewards(lora)).max()), gap
@@ -129,11 +130,14 @@ def test_fuse_flags_and_bad_input(lora_rm, tmp_path, tiny_model_dir):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-@pytest.mark.parametrize("form", ["lora", "qlora", "fused"])
+@pytest.mark.parametrize("form", ["lora", "qlora", "fused", "fused 4-bit"])
 def test_export_gives_transformers_our_rewards(form, lora_rm, qlora_rm, tmp_path):
-    source = {"lora": lora_rm, "qlora": qlora_rm, "fused": tmp_path / "fused"}[form]
-    if form == "fused":
-        assert CliRunner().invoke(cli, ["fuse", str(lora_rm), "--out", str(source)]).exit_code == 0
+    """LoRA and QLoRA reward models (fused in memory), and standalone ones, float or 4-bit (dequantized)."""
+    source = {"lora": lora_rm, "qlora": qlora_rm}.get(form, tmp_path / "fused")
+    if form.startswith("fused"):
+        lora_form = qlora_rm if form == "fused 4-bit" else lora_rm
+        assert CliRunner().invoke(cli, ["fuse", str(lora_form), "--out", str(source)]).exit_code == 0
+        assert ("quantization" in json.loads((source / "config.json").read_text())) == (form == "fused 4-bit")
     result = CliRunner().invoke(cli, ["export", str(source), str(tmp_path / "hf"), "--format", "hf"])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -2,7 +2,8 @@
 
 Our folders already use Hugging Face names and row layout, so export is a streamed copy: quantized weights are
 dequantized (transformers does not read MLX's affine packing), the config loses its "quantization" entry, and the
-tokenizer files travel along. One tensor is in memory at a time; the folder is written atomically.
+tokenizer files travel along. One tensor is in memory at a time; the folder is written atomically. A LoRA reward
+model (base + adapter + head) is the exception: it is loaded and fused in memory first, in the compute dtype.
 """
 
 from __future__ import annotations
