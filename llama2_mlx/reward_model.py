@@ -123,6 +123,11 @@ class RewardScorer:
     def __call__(self, prompt: Prompt, answer: str) -> float:
         return self.score_batch([prompt], [answer])[0]
 
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The folder holding the tokenizer files (the reward model's own, else its base's)."""
+        return _tokenizer_dir(self.path, self.base_path)
+
     def encode(self, prompt: Prompt, answer: str) -> list[int]:
         ids = encode_response(self.tokenizer, prompt, answer)
         if len(ids) > self.network.args.max_seq_len:
@@ -213,14 +218,15 @@ def reward_model_from_chat(
     folder: str | os.PathLike, dtype: mx.Dtype | None = None, bases: BaseCache | None = None
 ) -> RewardModel:
     """A new reward model initialised from a chat model folder: its backbone, and a zero head."""
-    from llama2_mlx.model_folder import fill_model, read_config, read_weights
+    from llama2_mlx.model_folder import fill_model, read_config, read_quantization, read_weights
 
     folder = Path(folder)
     config = read_config(folder)
     if ARCHITECTURE in (config.get("architectures") or []):
         raise Llama2MLXError(f"{folder}: is a reward model; start a reward model from a chat model folder")
     network = build_reward_model(
-        ModelArgs.from_hf_config(config, source=str(folder / "config.json")), config.get("quantization")
+        ModelArgs.from_hf_config(config, source=str(folder / "config.json")),
+        read_quantization(config, str(folder / "config.json")),
     )
     shared = bases.get(folder) if bases is not None else None
     weights = dict(shared) if shared is not None else _backbone_weights(read_weights(folder))
@@ -244,7 +250,7 @@ def load_reward_model(
     With `bases`, a LoRA reward model whose base is already there reuses those weights instead of loading a copy.
     """
     from llama2_mlx.lora import apply_adapter
-    from llama2_mlx.model_folder import fill_model, read_config, read_weights
+    from llama2_mlx.model_folder import fill_model, read_config, read_quantization, read_weights
 
     folder = Path(path)
     config = read_config(folder)
@@ -270,18 +276,52 @@ def load_reward_model(
         mx.eval(network.parameters())
     else:
         args = ModelArgs.from_hf_config(config, source=str(folder / "config.json"))
-        network = build_reward_model(args, config.get("quantization"))
+        network = build_reward_model(args, read_quantization(config, str(folder / "config.json")))
         fill_model(network, read_weights(folder), str(folder), dtype)
-    tokenizer_dir = folder if (folder / "tokenizer.model").is_file() else base_path
-    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.model").is_file():
+    tokenizer_dir = _tokenizer_dir(folder, base_path)
+    if tokenizer_dir is None:
         raise Llama2MLXError(f"{folder}: missing tokenizer.model")
     return RewardScorer(network, Tokenizer(tokenizer_dir / "tokenizer.model"), folder, base_path)
+
+
+def _tokenizer_dir(folder: Path, base_path: Path | None) -> Path | None:
+    """The folder whose tokenizer a reward model uses: its own, else its base's (None if neither has one)."""
+    for candidate in (folder, base_path):
+        if candidate is not None and (candidate / "tokenizer.model").is_file():
+            return candidate
+    return None
 
 
 def load_reward_models(*paths: str | os.PathLike, dtype: mx.Dtype | None = None) -> list[RewardScorer]:
     """Several reward models (e.g. helpfulness and safety); those on one base hold its weights once."""
     bases = BaseCache()
     return [load_reward_model(path, dtype, bases) for path in paths]
+
+
+def fused_reward_model(path: str | os.PathLike, dequantize: bool = False) -> RewardScorer:
+    """A LoRA reward model loaded with its adapter merged into the backbone (`lora.fuse`); the head is kept."""
+    from llama2_mlx.lora import fuse
+    from llama2_mlx.model_folder import read_config
+
+    if is_reward_folder(Path(path)) and not read_config(Path(path)).get("base_model"):
+        raise Llama2MLXError(
+            f"{Path(path) / 'config.json'}: a standalone reward model (no base_model): there is no adapter to fuse"
+        )
+    scorer = load_reward_model(path)
+    fuse(scorer.network, dequantize=dequantize)
+    return scorer
+
+
+def fuse_reward_model(
+    path: str | os.PathLike, out: str | os.PathLike, dequantize: bool = False, force: bool = False
+) -> Path:
+    """A LoRA reward-model folder -> a standalone one at `out` (backbone with the adapter merged, head, tokenizer),
+    which needs its base no more."""
+    from llama2_mlx.model_folder import save_model
+
+    scorer = fused_reward_model(path, dequantize)
+    return save_model(scorer.network, out, tokenizer_dir=scorer.tokenizer_dir, force=force,
+                      config_extra=reward_config(scorer.network.args))  # fmt: skip
 
 
 def resolve_base(folder: Path, base_model: str) -> Path:

@@ -37,6 +37,7 @@ class Checkpoint:
     dtype: mx.Dtype  # the checkpoint's float dtype (kept on disk unless the user asks for another)
     source: str  # the file or folder named in errors
     tokenizer_dir: Path | None  # the folder holding tokenizer.model (and maybe tokenizer_config.json)
+    reward_model: bool = False  # a LlamaForSequenceClassification: `score.weight`, no `lm_head.weight`
 
     @property
     def nbytes(self) -> int:

@@ -29,6 +29,7 @@ from llama2_mlx.model_folder import (
     copy_tokenizer,
     write_config,
 )
+from llama2_mlx.reward_model import build_reward_model, reward_config
 from llama2_mlx.shard_writer import DEFAULT_SHARD_BYTES, Entry, ShardWriter
 
 QUANTIZE_BITS = (4, 8)
@@ -117,6 +118,8 @@ def convert(
                         progress(name, done, checkpoint.nbytes)
         final_dtype = target or checkpoint.dtype
         config = checkpoint.args.to_hf_config() | {"torch_dtype": _dtype_name(final_dtype)}
+        if checkpoint.reward_model:
+            config |= reward_config(checkpoint.args)
         if quantization:
             config["quantization"] = quantization
         write_config(tmp, config)
@@ -161,8 +164,10 @@ def _quantization(bits: int | None, group_size: int) -> dict | None:
 
 def _model_parameters(checkpoint: Checkpoint, quantization: dict | None) -> dict[str, mx.array]:
     """The parameters (names, shapes) of the model this folder will hold; lazy, so nothing is allocated."""
+    # a reward model (`score` head, no `lm_head`) quantizes its backbone only; its head stays float
+    build = build_reward_model if checkpoint.reward_model else build_model
     try:
-        model = build_model(checkpoint.args, quantization)
+        model = build(checkpoint.args, quantization)
     except ValueError as error:  # MLX refuses a group size that does not divide a layer's input size
         raise Llama2MLXError(f"{checkpoint.source}: cannot quantize with {quantization} ({error})") from None
     return dict(tree_flatten(model.parameters()))

@@ -2,7 +2,8 @@
 
 Our folders already use Hugging Face names and row layout, so export is a streamed copy: quantized weights are
 dequantized (transformers does not read MLX's affine packing), the config loses its "quantization" entry, and the
-tokenizer files travel along. One tensor is in memory at a time; the folder is written atomically.
+tokenizer files travel along. One tensor is in memory at a time; the folder is written atomically. A LoRA reward
+model (base + adapter + head) is the exception: it is loaded and fused in memory first, in the compute dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.destination import atomic_folder
@@ -24,6 +26,7 @@ from llama2_mlx.model_folder import (
     read_weights,
     write_config,
 )
+from llama2_mlx.reward_model import build_reward_model, fused_reward_model, is_reward_folder, reward_config
 from llama2_mlx.shard_writer import Entry, ShardWriter
 
 FORMATS = ("hf",)
@@ -32,17 +35,31 @@ FORMATS = ("hf",)
 def export(
     model_dir: str | os.PathLike, dst: str | os.PathLike, format: str = "hf", force: bool = False
 ) -> Path:
-    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer)."""
+    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer).
+
+    A reward-model folder becomes a `LlamaForSequenceClassification` folder (`score.weight`, `num_labels` 1, and
+    `pad_token_id` by which transformers finds each row's last real token); a LoRA one is fused first, in memory.
+    """
     if format not in FORMATS:
         raise Llama2MLXError(f"export format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
     folder = Path(model_dir)
     config = read_config(folder)
     source = str(folder / "config.json")
-    quantization = read_quantization(config, source)
-    config.pop("quantization", None)
-    weights = read_weights(folder)  # lazy: each tensor is read when evaluated below
-    # every tensor the config implies, no other, right shapes: an incomplete folder is not exported
-    check_weights(build_model(ModelArgs.from_hf_config(config, source), quantization), weights, str(folder))
+    tokenizer_dir = folder
+    if config.get("base_model") and is_reward_folder(folder):
+        # a LoRA reward model: its adapter is fused in memory (in float, so the rewards stay those it computes)
+        scorer = fused_reward_model(folder, dequantize=True)
+        config = {**scorer.network.args.to_hf_config(), **reward_config(scorer.network.args)}
+        weights, tokenizer_dir = dict(tree_flatten(scorer.network.parameters())), scorer.tokenizer_dir
+        quantization = None
+        del scorer
+    else:
+        quantization = read_quantization(config, source)
+        config.pop("quantization", None)
+        weights = read_weights(folder)  # lazy: each tensor is read when evaluated below
+        # every tensor the config implies, no other, right shapes: an incomplete folder is not exported
+        build = build_reward_model if is_reward_folder(folder) else build_model
+        check_weights(build(ModelArgs.from_hf_config(config, source), quantization), weights, str(folder))
     quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
     if quantized and not quantization:
         raise Llama2MLXError(f'{folder / "config.json"}: quantized tensors but no "quantization" entry')
@@ -63,7 +80,7 @@ def export(
         float_dtypes = [dtype for _, _, dtype in outputs if mx.issubdtype(dtype, mx.floating)]
         config["torch_dtype"] = str(float_dtypes[0] if float_dtypes else mx.float32).rsplit(".", 1)[-1]
         write_config(tmp, config)
-        copy_tokenizer(folder, tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
     return Path(dst)
 
 

@@ -17,6 +17,7 @@ from llama2_mlx.checkpoints.safetensors_file import read_safetensors
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json
+from llama2_mlx.reward_model import ARCHITECTURE as REWARD_ARCHITECTURE
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some older HF checkpoints saved; recomputed by RoPE
 
@@ -29,10 +30,18 @@ def meta_to_hf_rows(weight: mx.array, n_heads: int) -> mx.array:
 
 
 def read_hf(folder: Path) -> Checkpoint:
-    """An HF Llama folder as a `Checkpoint`; safetensors are preferred when both formats are present."""
+    """An HF Llama folder as a `Checkpoint`; safetensors are preferred when both formats are present.
+
+    A `LlamaForSequenceClassification` folder (how published Llama 2 reward models are stored) is a reward model.
+    """
     config_path = folder / "config.json"
     config = read_json(config_path, "a Hugging Face model folder")
     args = ModelArgs.from_hf_config(config, source=str(config_path))
+    if config.get("base_model"):
+        raise Llama2MLXError(
+            f"{config_path}: a LoRA reward model (an adapter on {config['base_model']}); "
+            "make it standalone with `llama2-mlx fuse` first"
+        )
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise Llama2MLXError(f"{folder}: no *.safetensors or pytorch_model*.bin weights found")
@@ -49,7 +58,8 @@ def read_hf(folder: Path) -> Checkpoint:
             tensors[name] = TensorSource(tensor.shape, tensor.mx_dtype, _blocks(tensor))
     dtype = tensors["model.norm.weight"].dtype if "model.norm.weight" in tensors else mx.float32
     tokenizer = folder if (folder / "tokenizer.model").is_file() else None
-    return Checkpoint(args, tensors, dtype, str(folder), tokenizer)
+    reward_model = REWARD_ARCHITECTURE in (config.get("architectures") or [])
+    return Checkpoint(args, tensors, dtype, str(folder), tokenizer, reward_model)
 
 
 def _blocks(tensor: LazyTensor):

@@ -52,17 +52,31 @@ def sft(ctx: click.Context, model: str | None, config_file: Path | None, **_: ob
 @click.command("fuse")
 @click.argument("model", required=False)
 @click.option(
-    "--adapter", required=True, type=click.Path(exists=True, file_okay=False), help="Adapter folder from sft."
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Adapter folder from sft (not needed when MODEL is a LoRA reward-model folder, which holds its own).",
 )
 @click.option("--out", required=True, type=click.Path(), help="New model folder to write.")
 @click.option("--dequantize", is_flag=True, help="Write float weights even if MODEL is quantized.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def fuse(model: str | None, adapter: str, out: str, dequantize: bool, force: bool) -> None:
-    """Merge a LoRA adapter into MODEL's weights and write a standalone model folder."""
+def fuse(model: str | None, adapter: str | None, out: str, dequantize: bool, force: bool) -> None:
+    """Merge a LoRA adapter into MODEL's weights and write a standalone model folder.
+
+    MODEL may also be a LoRA reward-model folder from train-rm: the result is a standalone reward model.
+    """
     from llama2_mlx.loading import demo_model_path
     from llama2_mlx.lora import fuse_adapter
+    from llama2_mlx.reward_model import fuse_reward_model, is_reward_folder
 
-    path = fuse_adapter(model or demo_model_path(), adapter, out, dequantize=dequantize, force=force)
+    model_path = Path(model) if model else demo_model_path()
+    if is_reward_folder(model_path):
+        if adapter is not None:
+            raise click.UsageError("a reward-model folder holds its own adapter; drop --adapter")
+        path = fuse_reward_model(model_path, out, dequantize=dequantize, force=force)
+    elif adapter is None:
+        raise click.UsageError("Missing option '--adapter' (needed unless MODEL is a reward-model folder).")
+    else:
+        path = fuse_adapter(model_path, adapter, out, dequantize=dequantize, force=force)
     click.echo(f"fused model written to {path}")
 
 
