@@ -268,7 +268,32 @@ def spread(n_batches: int, limit: int = 0) -> list[int]:
     return list(range(n_batches))
 
 
-class Batcher:
+class BatchStream:
+    """A restartable stream of batches for the trainer (`batches(start)`), over fixed groups `self.batches` that a
+    subclass forms and turns into a `Batch` with `make_batch`; epoch e visits the groups in the order seeded by
+    (seed, e)."""
+
+    batches: list
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __call__(self, start: int = 0) -> Iterator[Batch]:
+        """Endless epochs from global micro-batch index `start`; epoch e visits the batches in a seeded order."""
+        for index in epoch_order(len(self.batches), self.seed, start):
+            yield self.make_batch(self.batches[index])
+
+    def once(self, limit: int = 0) -> Iterator[Batch]:
+        """Every batch once, in order (validation); with `limit`, that many spread evenly over the lengths."""
+        for index in spread(len(self.batches), limit):
+            yield self.make_batch(self.batches[index])
+
+    def make_batch(self, group) -> Batch:
+        raise NotImplementedError
+
+
+class Batcher(BatchStream):
     """A restartable stream of training batches (the trainer's `batches(start)`), shuffled per epoch with `seed`.
 
     A global batch holds `batch_size` rows; with several ranks each rank takes rows rank, rank + size, ...
@@ -307,19 +332,6 @@ class Batcher:
             report.dropped += sum(len(row) for row in self.batches.pop())
         if not self.batches:
             raise Llama2MLXError(f"{len(self.examples)} examples are too few for {world_size} processes")
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __call__(self, start: int = 0) -> Iterator[Batch]:
-        """Endless epochs from global micro-batch index `start`; epoch e visits the batches in a seeded order."""
-        for index in epoch_order(len(self.batches), self.seed, start):
-            yield self.make_batch(self.batches[index])
-
-    def once(self, limit: int = 0) -> Iterator[Batch]:
-        """Every batch once, in order (validation); with `limit`, that many spread evenly over the lengths."""
-        for index in spread(len(self.batches), limit):
-            yield self.make_batch(self.batches[index])
 
     def make_batch(self, rows: list[list[int]]) -> Batch:
         import mlx.core as mx

@@ -12,14 +12,14 @@ a pair go through the network together.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llama2_mlx.data import DataReport, epoch_order, load_rows, spread
+from llama2_mlx.data import BatchStream, DataReport, load_rows
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.trainer import Batch
 
@@ -131,7 +131,7 @@ def _fitting(pairs: list[Pair], seq_len: int, report: DataReport) -> list[Pair]:
     return kept
 
 
-class PairBatcher:
+class PairBatcher(BatchStream):
     """A restartable stream of pair batches (the trainer's `batches(start)`), shuffled per epoch with `seed`.
 
     Pairs are grouped by length so rows pad little; a global batch holds `batch_size` pairs, rank r of `world_size`
@@ -164,17 +164,6 @@ class PairBatcher:
             self.batches.pop()
         if not self.batches:
             raise Llama2MLXError(f"{len(pairs)} pairs are too few for {world_size} processes")
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __call__(self, start: int = 0) -> Iterator[Batch]:
-        for index in epoch_order(len(self.batches), self.seed, start):
-            yield self.make_batch(self.batches[index])
-
-    def once(self, limit: int = 0) -> Iterator[Batch]:
-        for index in spread(len(self.batches), limit):
-            yield self.make_batch(self.batches[index])
 
     def make_batch(self, indices: list[int]) -> Batch:
         import mlx.core as mx

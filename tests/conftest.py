@@ -58,3 +58,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     save_model(random_model(tiny_args()), out, tokenizer_dir=tokenizer_dir)
     return out
+
+
+def arithmetic_prompts(path: Path, count: int, seed: int = 5) -> Path:
+    """A prompts .jsonl of the world's arithmetic questions (rejection sampling and PPO with the world verifier)."""
+    import json
+
+    from llama2_mlx.world.skills import draw_task
+
+    rng = random.Random(seed)
+    lines = [json.dumps({"prompt": draw_task("arithmetic", rng).question}) + "\n" for _ in range(count)]
+    path.write_text("".join(lines))
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import statistics
 from itertools import combinations
@@ -25,7 +24,7 @@ from llama2_mlx.rejection_sampling import (
 )
 from llama2_mlx.rewards import combine_safety
 from llama2_mlx.trainer import MetricsFile
-from llama2_mlx.world.skills import draw_task
+from tests.conftest import arithmetic_prompts
 
 
 def sample(prompt: int, reward: float, iteration: int, answer: str = "") -> Sample:
@@ -79,14 +78,6 @@ def test_iteration_stats_per_temperature():
     assert stats["temperatures"]["1.2"]["max"] == pytest.approx((5 + 1) / 2)
     assert stats["selected_mean_reward"] == pytest.approx((5 + 2) / 2)
     assert stats["best_temperature"] == "1.2"
-
-
-def arithmetic_prompts(path: Path, count: int, seed: int = 5) -> Path:
-    rng = random.Random(seed)
-    path.write_text(
-        "".join(json.dumps({"prompt": draw_task("arithmetic", rng).question}) + "\n" for _ in range(count))
-    )
-    return path
 
 
 def rejection_sample(prompts: Path, out: Path, *extra: str):

@@ -21,6 +21,7 @@ from llama2_mlx.lora import LoRAConfig, adapters_disabled, apply_lora, lora_para
 from llama2_mlx.ppo import gae, logit, whiten
 from llama2_mlx.trainer import MetricsFile
 from llama2_mlx.world.skills import draw_task
+from tests.conftest import arithmetic_prompts
 
 
 def test_whiten_and_logit_on_hand_values():
@@ -93,14 +94,6 @@ def test_reference_with_the_adapter_off_is_the_base_model(tiny_model_dir):
     assert not np.allclose(policy(tokens), base(tokens), atol=1e-3)  # and is back on afterwards
 
 
-def arithmetic_prompts(path: Path, count: int, seed: int = 7) -> Path:
-    rng = random.Random(seed)
-    path.write_text(
-        "".join(json.dumps({"prompt": draw_task("arithmetic", rng).question}) + "\n" for _ in range(count))
-    )
-    return path
-
-
 def ppo(prompts: Path, out: Path, *extra: str):
     args = ["ppo", str(demo_model_path()), "--prompts", str(prompts), "--out", str(out),
             "--reward-fn", "llama2_mlx.world.verifier:reward", "--batch-size", "8", "--minibatch-size", "4",
@@ -114,7 +107,7 @@ def records(out: Path) -> list[dict]:
 
 def test_ppo_kl_is_zero_on_the_first_rollout_and_the_output_is_an_adapter(tmp_path):
     out = tmp_path / "ppo"
-    result = ppo(arithmetic_prompts(tmp_path / "p.jsonl", 8), out, "--iters", "2")
+    result = ppo(arithmetic_prompts(tmp_path / "p.jsonl", 8, seed=7), out, "--iters", "2")
     assert result.exit_code == 0, result.output
     steps = records(out)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -138,13 +131,15 @@ def test_ppo_from_an_sft_adapter_has_zero_kl_to_it(tmp_path):
                                        "--iters", "3", "--batch-size", "4", "--lr", "1e-2", "--no-progress"])  # fmt: skip
     assert trained.exit_code == 0, trained.output
     out = tmp_path / "ppo"
-    result = ppo(arithmetic_prompts(tmp_path / "p.jsonl", 8), out, "--iters", "1", "--adapter", str(adapter))
+    result = ppo(
+        arithmetic_prompts(tmp_path / "p.jsonl", 8, seed=7), out, "--iters", "1", "--adapter", str(adapter)
+    )
     assert result.exit_code == 0, result.output
     assert [r["kl"] for r in records(out)] == [0.0, 0.0]
 
 
 def test_ppo_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    prompts = arithmetic_prompts(tmp_path / "p.jsonl", 8)
+    prompts = arithmetic_prompts(tmp_path / "p.jsonl", 8, seed=7)
     flags = ("--iters", "2", "--ppo-epochs", "2")  # 4 steps per rollout
     straight = tmp_path / "straight"
     assert ppo(prompts, straight, *flags).exit_code == 0
