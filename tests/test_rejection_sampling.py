@@ -196,3 +196,17 @@ def test_reward_fn_must_be_module_colon_function():
 
     with pytest.raises(Llama2MLXError, match="expected module:function"):
         load_reward_fn("llama2_mlx.world.verifier")
+
+
+def test_student_is_fine_tuned_on_the_teachers_selection(tmp_path, tiny_model_dir):
+    out = tmp_path / "rs"
+    prompts = arithmetic_prompts(tmp_path / "p.jsonl", 4)
+    result = rejection_sample(prompts, out, "--iterations", "2", "--iters", "2", "--k", "2", "--student",
+                              str(tiny_model_dir), "--seq-len", "128")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for n in (1, 2):
+        adapter = json.loads((out / f"iter-{n}" / "adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model"] == str(
+            tiny_model_dir
+        )  # the student was trained, on the teacher's samples
+        assert adapter["rank"] == 8
