@@ -11,7 +11,9 @@
    tokens actually sampled (EOS ends a row), the same measure as `summary.json`'s sampled_tokens_per_sec.
 2. A real run of the command (`llama2-mlx rejection-sample`, this checkout's code) on `--prompts` world arithmetic
    questions with the world verifier as reward (`--reward-fn llama2_mlx.world.verifier:reward`), then the seconds
-   per iteration split into sampling, scoring and training, read from its iter-N/summary.json.
+   per iteration split into sampling, scoring and training, read from its iter-N/summary.json; then the same run
+   with a reward model instead (`--reward-model`: a LoRA reward model on the same base, trained briefly here with
+   `train-rm` on the world's preference pairs), whose scoring is a batched forward pass.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from benchmarks.common import machine, time_pair  # noqa: E402
 from llama2_mlx.generation import generate_batch_ids  # noqa: E402
 from llama2_mlx.loading import demo_model_path, load  # noqa: E402
 from llama2_mlx.world.skills import draw_task  # noqa: E402
+
+VERIFIER = "llama2_mlx.world.verifier:reward"
 
 
 def arithmetic_questions(count: int, seed: int = 5) -> list[str]:
@@ -64,22 +68,52 @@ def batched_vs_sequential(model_path: Path, opts: argparse.Namespace) -> dict[st
             "batched_seconds": batched_seconds, "sequential_seconds": sequential_seconds}  # fmt: skip
 
 
-def command_run(model_path: Path, opts: argparse.Namespace, root: Path) -> tuple[list[str], list[dict]]:
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in arithmetic_questions(opts.prompts)))
-    out = root / "rs"
-    args = ["rejection-sample", str(model_path), "--prompts", str(prompts), "--out", str(out),
-            "--reward-fn", "llama2_mlx.world.verifier:reward", "--k", str(opts.k), "--iterations", str(opts.iterations),
-            "--max-tokens", str(opts.max_tokens), "--iters", str(opts.iters), "--batch-size", "8", "--lr", "1e-3",
-            "--no-progress"]  # fmt: skip
-    # the console script imports the installed package; `-c` from this checkout's root imports this checkout's
+def cli_run(args: list[str]) -> None:
+    """Run `llama2-mlx ARGS` with this checkout's code (the console script imports the installed package; `-c` from
+    this checkout's root imports this checkout's)."""
     run = subprocess.run([sys.executable, "-c", "from llama2_mlx.cli import main; main()", *args], cwd=ROOT,
                          capture_output=True, text=True)  # fmt: skip
     if run.returncode:
-        raise SystemExit(f"rejection-sample failed:\n{run.stdout}\n{run.stderr}")
+        raise SystemExit(f"llama2-mlx {args[0]} failed:\n{run.stdout}\n{run.stderr}")
+
+
+def world_reward_model(model_path: Path, root: Path, opts: argparse.Namespace) -> Path:
+    """A LoRA reward model on `model_path`, trained briefly on the world's preference pairs (its scores only need
+    to cost what a reward model costs)."""
+    sizes = "corpus=10,corpus_valid=10,train=10,valid=10,preferences=256,preferences_valid=10,prompts=10,heldout=10"
+    cli_run(["world", "--out", str(root / "world"), "--sizes", sizes])
+    cli_run(["train-rm", str(model_path), "--data", str(root / "world" / "preferences"), "--out", str(root / "rm"),
+             "--iters", str(opts.iters), "--batch-size", "8", "--no-progress"])  # fmt: skip
+    return root / "rm"
+
+
+def command_run(
+    model_path: Path, opts: argparse.Namespace, root: Path, reward: list[str]
+) -> tuple[list[str], list[dict]]:
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in arithmetic_questions(opts.prompts)))
+    out = root / f"rs{len(list(root.glob('rs*')))}"
+    args = ["rejection-sample", str(model_path), "--prompts", str(prompts), "--out", str(out), *reward,
+            "--k", str(opts.k), "--iterations", str(opts.iterations), "--max-tokens", str(opts.max_tokens),
+            "--iters", str(opts.iters), "--batch-size", "8", "--lr", "1e-3", "--no-progress"]  # fmt: skip
+    cli_run(args)
     return args, [
         json.loads((out / f"iter-{n}" / "summary.json").read_text()) for n in range(1, opts.iterations + 1)
     ]
+
+
+def print_iterations(args: list[str], summaries: list[dict], tmp: str) -> None:
+    print(f"\ncommand: llama2-mlx {' '.join(args).replace(tmp, '$TMP')}")
+    print(
+        "\n| iteration | samples | sampled tok/s | sampling s | scoring s | training s | total s | mean reward |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for s in summaries:
+        seconds = s["seconds"]
+        mean = sum(t["mean"] for t in s["temperatures"].values()) / len(s["temperatures"])
+        print(f"| {s['iteration']} | {s['samples']} | {s['sampled_tokens_per_sec']:.1f} | {seconds['sampling']:.2f} | "
+              f"{seconds['scoring']:.2f} | {seconds['training']:.2f} | {sum(seconds.values()):.2f} | {mean:.3f} |",
+              flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -118,17 +152,9 @@ def main() -> None:
           flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
-        args, summaries = command_run(model_path, opts, Path(tmp))
-    print(f"\ncommand: llama2-mlx {' '.join(args).replace(tmp, '$TMP')}")
-    print(
-        "\n| iteration | samples | sampled tok/s | sampling s | scoring s | training s | total s | mean reward |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for s in summaries:
-        seconds = s["seconds"]
-        mean = sum(t["mean"] for t in s["temperatures"].values()) / len(s["temperatures"])
-        print(f"| {s['iteration']} | {s['samples']} | {s['sampled_tokens_per_sec']:.1f} | {seconds['sampling']:.2f} | "
-              f"{seconds['scoring']:.2f} | {seconds['training']:.2f} | {sum(seconds.values()):.2f} | {mean:.3f} |")  # fmt: skip
+        print_iterations(*command_run(model_path, opts, Path(tmp), ["--reward-fn", VERIFIER]), tmp)
+        rm = world_reward_model(model_path, Path(tmp), opts)
+        print_iterations(*command_run(model_path, opts, Path(tmp), ["--reward-model", str(rm)]), tmp)
 
 
 if __name__ == "__main__":
