@@ -64,9 +64,7 @@ def build_folder(root: Path, opts: argparse.Namespace) -> Path:
                        vocab_size=opts.vocab, hidden_dim=ffn_hidden_dim(opts.dim, 256), max_seq_len=1024)  # fmt: skip
     mx.random.seed(0)
     model = Llama(config)
-    model.lm_head.weight[2] = (
-        0.0  # EOS logit always 0: answers run to --answer tokens, every row the same width
-    )
+    model.lm_head.weight[2] = 0.0  # EOS logit always 0: every answer runs to --answer tokens
     mx.eval(model.parameters())
     save_model(model, root / "model", tokenizer_dir=root / "tokenizer")
     return root / "model"
@@ -76,17 +74,17 @@ def make_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[str]:
     """`count` prompts of made-up words whose chat-formatted encoding is exactly `length` tokens."""
     rng = random.Random(0)
     words = " ".join(synthetic_corpus(200, seed=1)).split()
+
+    def encoded_length(text: str) -> int:
+        return len(tokenizer.encode_dialog([{"role": "user", "content": text}]))
+
     prompts: list[str] = []
-    while len(prompts) < count:
-        start = rng.randrange(len(words) - 200)
-        n = 1
-        while (
-            len(tokenizer.encode_dialog([{"role": "user", "content": " ".join(words[start : start + n])}]))
-            < length
-        ):
+    while len(prompts) < count:  # grow a random run of words to `length` tokens; keep it if it lands exactly
+        start, n = rng.randrange(len(words) - 200), 1
+        while encoded_length(" ".join(words[start : start + n])) < length:
             n += 1
         text = " ".join(words[start : start + n])
-        if len(tokenizer.encode_dialog([{"role": "user", "content": text}])) == length:
+        if encoded_length(text) == length:
             prompts.append(text)
     return prompts
 
@@ -105,9 +103,8 @@ def timed_train(model, loss, batches, steps: int) -> dict[str, float]:
     mx.reset_peak_memory()
     config = TrainConfig(iters=steps, report_every=1, eval_every=None, save_every=None, progress=False)
     history = train(model, optimizer(), loss, batches, config).history
-    trained = [0] + [
-        r["trained_tokens"] for r in history
-    ]  # one record per step: its seconds = tokens / tokens/s
+    # one record per step, whose seconds are its tokens / its tokens per second
+    trained = [0] + [r["trained_tokens"] for r in history]
     seconds = [(b - a) / r["tokens_per_sec"] for a, b, r in zip(trained, trained[1:], history, strict=False)]
     return {
         "peak": max(r["peak_memory_gb"] for r in history) * 1e9,
