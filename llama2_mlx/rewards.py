@@ -23,8 +23,10 @@ class RewardFlags:
     """The reward flags of `rejection-sample` and `ppo` (mixed into their configs)."""
 
     reward_model: str | None = field(
-        default=None, metadata={"help": "Reward-model folder (train-rm) scoring helpfulness."}
-    )
+        default=None,
+        metadata={"help": "Reward-model folder (train-rm) scoring helpfulness (default without --reward-fn: the "
+                          "shipped demo reward model)."},
+    )  # fmt: skip
     safety_reward_model: str | None = field(
         default=None, metadata={"help": "A safety reward model, combined with the paper's rule."}
     )
@@ -38,8 +40,8 @@ class RewardFlags:
     score_batch: int = field(default=32, metadata={"help": "Answers scored together by the reward model."})
 
     def check_rewards(self) -> None:
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise Llama2MLXError("give exactly one of --reward-model and --reward-fn")
+        if self.reward_model is not None and self.reward_fn is not None:
+            raise Llama2MLXError("give one of --reward-model and --reward-fn, not both")
         if self.safety_reward_model is not None and self.reward_model is None:
             raise Llama2MLXError("--safety-reward-model combines with --reward-model, not --reward-fn")
         if not 0 <= self.safety_threshold <= 1:
@@ -124,7 +126,9 @@ def reward_source(
 
     bases = BaseCache()
     bases.add(model_path, policy)  # an RM trained on the policy's base shares its weights
-    models = [load_reward_model(flags.reward_model, bases=bases)]
+    from llama2_mlx.loading import demo_reward_model_path
+
+    models = [load_reward_model(flags.reward_model or demo_reward_model_path(), bases=bases)]
     if flags.safety_reward_model is not None:
         models.append(load_reward_model(flags.safety_reward_model, bases=bases))
     for rm in models:
