@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from llama2_mlx.chat_template import with_chat_template
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.fileio import read_json
@@ -25,7 +26,13 @@ from llama2_mlx.model import Llama
 from llama2_mlx.shard_writer import DEFAULT_SHARD_BYTES, Entry, ShardWriter
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "chat_template.jinja",
+)
 
 
 def default_dtype(checkpoint_dtype: mx.Dtype = mx.bfloat16) -> mx.Dtype:
@@ -152,15 +159,20 @@ def write_config(folder: Path, config: dict) -> None:
 
 
 def copy_tokenizer(source: Path, folder: Path) -> None:
+    """Copy the tokenizer files; the folder's tokenizer_config.json gets Llama 2's chat template if it has none."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
-    if not (folder / "tokenizer_config.json").exists() and (folder / "tokenizer.model").exists():
+    if (folder / "tokenizer_config.json").exists():
+        config = read_json(folder / "tokenizer_config.json", "a tokenizer config")
+        if not (folder / "chat_template.jinja").exists() and not config.get("chat_template"):
+            _write_tokenizer_config(folder, with_chat_template(config))
+    elif (folder / "tokenizer.model").exists():
         write_tokenizer_config(folder)
 
 
 def write_tokenizer_config(folder: Path) -> None:
-    """The tokenizer_config.json that lets transformers and mlx-lm open our sentencepiece tokenizer."""
+    """The tokenizer_config.json that lets transformers and mlx-lm open our tokenizer and apply its chat format."""
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",
@@ -172,7 +184,11 @@ def write_tokenizer_config(folder: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer_config(folder, with_chat_template(config))
+
+
+def _write_tokenizer_config(folder: Path, config: dict) -> None:
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def quantization_of(model: nn.Module) -> dict | None:
