@@ -36,7 +36,7 @@ def cli(debug: bool) -> None:
 
 
 # Each area's module exposes COMMANDS, a list of click commands; add new modules to this tuple.
-_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "demo")
+_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "demo", "serve", "doctor")
 
 
 def _register_commands() -> None:
