@@ -38,11 +38,11 @@ def workloads(work: Path, skip_suite: bool) -> dict[str, list[str]]:
     common = ["--iters", "30", "--batch-size", "8", "--seq-len", "256", "--no-progress"]
     jobs = {
         "sft (LoRA, 30 steps)": [*CLI, "sft", str(ROOT / "weights" / "demo"), "--data",
-                                 str(world / "sft" / "train.jsonl"), "--out", str(work / "sft"), "--lr", "1e-4",
+                                 str(world / "sft" / "train.jsonl"), "--out", str(work / "sft-{mode}"), "--lr", "1e-4",
                                  *common],
         "pretrain (30 steps)": [*CLI, "pretrain", "--config", str(ROOT / "examples" / "demo_params.json"), "--data",
                                 str(world / "corpus.txt"), "--tokenizer", str(ROOT / "weights" / "demo"), "--out",
-                                str(work / "pretrain"), *common],
+                                str(work / "pretrain-{mode}"), *common],
         "eval (100 dialogs)": [*CLI, "eval", "--prompts", str(heldout)],
     }  # fmt: skip
     if not skip_suite:
@@ -54,6 +54,7 @@ def run(command: list[str], openblas: bool) -> tuple[float, str]:
     environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", OPT_OUT)}
     if not openblas:
         environment[OPT_OUT] = "1"
+    command = [part.replace("{mode}", "openblas" if openblas else "reference") for part in command]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     seconds = time.perf_counter() - start
