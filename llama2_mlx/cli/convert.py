@@ -47,8 +47,8 @@ def _size(nbytes: int) -> str:
 @click.option(
     "--quantize", type=QUANTIZE_CHOICES, default=None, help="Store MLX affine-quantized weights (bits)."
 )
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Quantization group size.")  # fmt: skip
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Quantization group size (default: 64, or the largest that divides the model's layer widths).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--verify", is_flag=True, help="Check Meta's checklist.chk md5 sums first.")
 def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool, verify: bool) -> None:
@@ -58,7 +58,7 @@ def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool
     progress = _TensorProgress("converting")
     try:
         result = convert(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None,
-                         group_size=int(group_size), force=force, verify=verify, progress=progress)  # fmt: skip
+                         group_size=int(group_size) if group_size else None, force=force, verify=verify, progress=progress)  # fmt: skip
     finally:
         progress.close()
     quantized = (
@@ -66,6 +66,9 @@ def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool
         if result.quantization
         else ""
     )
+    if result.quantization and group_size is None and result.quantization["group_size"] != 64:
+        click.echo(f"note: group size 64 does not divide this model's layer widths; "
+                   f"used {result.quantization['group_size']}", err=True)  # fmt: skip
     click.echo(
         f"wrote {result.path}: {result.parameters:,} parameters, {result.dtype}{quantized}, "
         f"{_size(result.bytes_on_disk)} on disk, {result.seconds:.1f} s"
