@@ -114,12 +114,16 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
     model, tokenizer = load(model_path)
+    seq_len = min(config.seq_len, model.args.max_seq_len)
+    if seq_len < config.seq_len and announce is not None and world.rank() == 0:
+        announce(f"warning: --seq-len {config.seq_len} is longer than {model_path}'s context "
+                 f"({model.args.max_seq_len} tokens); rows are cut to {seq_len}")  # fmt: skip
 
     options = EncodeOptions(train_on_prompt=config.train_on_prompt, gatt=config.gatt)
     train_examples, valid_examples, report = load_sft_data(
         config.data, tokenizer, options, config.valid_fraction, config.seed, config.skip_bad_lines
     )
-    batching = dict(seq_len=config.seq_len, packing=config.pack, document_mask=config.pack_mask == "document",
+    batching = dict(seq_len=seq_len, packing=config.pack, document_mask=config.pack_mask == "document",
                     seed=config.seed, rank=world.rank(), world_size=world.size(), report=report)  # fmt: skip
     if config.batch_size % config.grad_accum:
         raise Llama2MLXError(
