@@ -8,7 +8,7 @@ template tag ("[INST]" etc.): the model has started to write the next turn itsel
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,11 +137,18 @@ def score(items: Sequence[HeldOut], answers: Sequence[Sequence[str]]) -> EvalRep
 
 
 def answer_heldout(
-    model: Llama, tok: Tokenizer, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
+    model: Llama,
+    tok: Tokenizer,
+    items: Sequence[HeldOut],
+    max_tokens: int = 48,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
-    """Greedy answers to every turn of every item, each turn seeing the model's own earlier answers."""
+    """Greedy answers to every turn of every item, each turn seeing the model's own earlier answers;
+    `progress(answers done, answers in all)` after each batch."""
     from llama2_mlx.generation import generate_batch
 
+    total, done = sum(len(item.turns) for item in items), 0
     histories: list[list[Message]] = [list(item.context) for item in items]
     answers: list[list[str]] = [[] for _ in items]
     for turn in range(max(len(item.turns) for item in items)):
@@ -155,14 +162,22 @@ def answer_heldout(
                 answer = _cut_at_tag(text).strip()
                 answers[i].append(answer)
                 histories[i].append({"role": "assistant", "content": answer})
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
     return answers
 
 
 def evaluate(
-    model: Llama, tok: Tokenizer, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
+    model: Llama,
+    tok: Tokenizer,
+    items: Sequence[HeldOut],
+    max_tokens: int = 48,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Answer the held-out dialogs and score the answers."""
-    return score(items, answer_heldout(model, tok, items, max_tokens, batch_size))
+    return score(items, answer_heldout(model, tok, items, max_tokens, batch_size, progress))
 
 
 def format_report(report: EvalReport) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -212,14 +213,16 @@ def fuse_adapter(
     out: str | os.PathLike,
     dequantize: bool = False,
     force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """base model folder + adapter folder -> a new model folder with the adapter merged into the weights."""
+    """base model folder + adapter folder -> a new model folder with the adapter merged into the weights
+    (computed as it is written: `progress(tensor, bytes written, total bytes)`)."""
     from llama2_mlx.model_folder import load_model, save_model
 
     model = load_model(model_path)
     apply_adapter(model, adapter_dir)
     fuse(model, dequantize=dequantize)
-    return save_model(model, out, tokenizer_dir=model_path, force=force)
+    return save_model(model, out, tokenizer_dir=model_path, force=force, progress=progress)
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,8 +129,10 @@ def save_model(
     dtype: mx.Dtype | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`)."""
+    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`);
+    `progress(tensor, bytes written, total bytes)` follows the writing."""
     with atomic_folder(path, force=force) as tmp:
         weights = dict(tree_flatten(model.parameters()))
         for name, array in weights.items():
@@ -141,9 +143,13 @@ def save_model(
         ] = {}  # a module's tensors (a quantized weight's scales too) share a shard
         for name, array in weights.items():
             groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(array.shape), array.dtype))
+        total, done = sum(array.nbytes for array in weights.values()), 0
         with ShardWriter(tmp, list(groups.values()), max_shard_bytes) as writer:
             for name, array in weights.items():
                 writer.add(name, array)
+                done += array.nbytes
+                if progress is not None:
+                    progress(name, done, total)
         config = model.args.to_hf_config()
         quantization = quantization_of(model)
         if quantization:

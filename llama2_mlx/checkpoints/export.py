@@ -7,11 +7,13 @@ tokenizer files travel along. One tensor is in memory at a time; the folder is w
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import mlx.core as mx
 
+from llama2_mlx.checkpoints.convert import Progress
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import atomic_folder, copy_tokenizer, read_config, read_weights, write_config
 from llama2_mlx.shard_writer import Entry, ShardWriter
@@ -20,9 +22,14 @@ FORMATS = ("hf",)
 
 
 def export(
-    model_dir: str | os.PathLike, dst: str | os.PathLike, format: str = "hf", force: bool = False
+    model_dir: str | os.PathLike,
+    dst: str | os.PathLike,
+    format: str = "hf",
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
-    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer)."""
+    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer);
+    `progress(tensor, bytes written, total bytes)` follows the writing."""
     if format not in FORMATS:
         raise Llama2MLXError(f"export format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
     folder = Path(model_dir)
@@ -38,6 +45,8 @@ def export(
         if _kept(name, quantized)
     ]
     with atomic_folder(dst, force=force) as tmp:
+        total = sum(math.prod(shape) * dtype.size for _, shape, dtype in outputs)
+        done = 0
         with ShardWriter(tmp, [[entry] for entry in outputs]) as writer:
             for name, _, _ in outputs:
                 stem = name.rsplit(".", 1)[0]
@@ -45,7 +54,10 @@ def export(
                 array = _dequantize(weights, stem, quantization) if stem in quantized else weights.pop(name)
                 mx.eval(array)
                 writer.write(name, array)
+                done += array.nbytes
                 del array
+                if progress is not None:
+                    progress(name, done, total)
         float_dtypes = [dtype for _, _, dtype in outputs if mx.issubdtype(dtype, mx.floating)]
         config["torch_dtype"] = str(float_dtypes[0] if float_dtypes else mx.float32).rsplit(".", 1)[-1]
         write_config(tmp, config)

@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 QUANTIZE_CHOICES = click.Choice(["4", "8"])
 DTYPE_CHOICES = click.Choice(["float16", "bfloat16", "float32"])
-
-
-class _TensorProgress:
-    """A click progress bar over the bytes read, opened on the first report (when the total is known)."""
-
-    def __init__(self, label: str):
-        self.label, self.bar, self.done = label, None, 0
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.label = f"{self.label} {name}"
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
 
 
 def _size(nbytes: int) -> str:
@@ -54,11 +33,12 @@ def _size(nbytes: int) -> str:
 def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool, verify: bool) -> None:
     """Convert a Meta folder, a Hugging Face folder or a hub id (org/name) into an MLX model folder DST."""
     from llama2_mlx.checkpoints.convert import convert
+    from llama2_mlx.progress import Progress
 
-    progress = _TensorProgress("converting")
+    progress = Progress("converting", " MB", scale=2**20)
     try:
         result = convert(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None,
-                         group_size=int(group_size) if group_size else None, force=force, verify=verify, progress=progress)  # fmt: skip
+                         group_size=int(group_size) if group_size else None, force=force, verify=verify, progress=progress.tensor)  # fmt: skip
     finally:
         progress.close()
     quantized = (
@@ -84,8 +64,13 @@ def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool
 def export_command(model: str, dst: str, format_: str, force: bool) -> None:
     """Export the MLX model folder MODEL as a Hugging Face folder DST (quantized weights are dequantized)."""
     from llama2_mlx.checkpoints.export import export
+    from llama2_mlx.progress import Progress
 
-    path = export(model, dst, format=format_, force=force)
+    progress = Progress("exporting", " MB", scale=2**20)
+    try:
+        path = export(model, dst, format=format_, force=force, progress=progress.tensor)
+    finally:
+        progress.close()
     click.echo(f"wrote {path}")
 
 

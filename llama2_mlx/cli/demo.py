@@ -89,12 +89,16 @@ def eval_command(model: Path | None, prompts: Path | None, seed: int | None, max
     from llama2_mlx.evaluation import evaluate, format_report, read_heldout, world_heldout
     from llama2_mlx.fileio import write_text_atomic
     from llama2_mlx.loading import demo_model_path, load
+    from llama2_mlx.progress import Progress
 
     if prompts is not None and seed is not None:
         raise click.UsageError("--seed chooses the world's own held-out set; it cannot apply to --prompts")
     items = read_heldout(prompts) if prompts is not None else world_heldout(seed or 0)
     loaded, tok = load(model or demo_model_path(), adapter)
-    report = evaluate(loaded, tok, items, max_tokens=max_tokens, batch_size=batch_size)
+    with Progress("answering", " answers") as progress:
+        report = evaluate(
+            loaded, tok, items, max_tokens=max_tokens, batch_size=batch_size, progress=progress.update
+        )
     click.echo(format_report(report))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report.to_json(), indent=2) + "\n")

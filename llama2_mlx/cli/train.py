@@ -61,8 +61,11 @@ def fuse(model: str | None, adapter: str, out: str, dequantize: bool, force: boo
     """Merge a LoRA adapter into MODEL's weights and write a standalone model folder."""
     from llama2_mlx.loading import demo_model_path
     from llama2_mlx.lora import fuse_adapter
+    from llama2_mlx.progress import Progress
 
-    path = fuse_adapter(model or demo_model_path(), adapter, out, dequantize=dequantize, force=force)
+    with Progress("writing", " MB", scale=2**20) as progress:
+        path = fuse_adapter(model or demo_model_path(), adapter, out, dequantize=dequantize, force=force,
+                            progress=progress.tensor)  # fmt: skip
     click.echo(f"fused model written to {path}")
 
 
@@ -116,8 +119,12 @@ def gatt_data(model, dialogs, instructions, out, adapter, **sampling) -> None:  
     """Build Ghost Attention dialogs: answers sampled with the instruction on every user message, kept only as
     the first turn's system message in the output (train with `sft --gatt`)."""
     from llama2_mlx.gatt import run_gatt_data
+    from llama2_mlx.progress import Progress
 
-    count = run_gatt_data(model, dialogs, instructions, out, adapter=adapter, **sampling)
+    with Progress("sampling", " answers") as progress:
+        count = run_gatt_data(
+            model, dialogs, instructions, out, adapter=adapter, progress=progress.update, **sampling
+        )
     click.echo(f"wrote {count} dialogs to {out}")
 
 
