@@ -180,6 +180,47 @@ def evaluate(
     return score(items, answer_heldout(model, tok, items, max_tokens, batch_size, progress))
 
 
+@dataclass(frozen=True)
+class DataScore:
+    """Loss on a data file, as `sft` trains: mean cross-entropy per answer token (per token for plain text)."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+    def summary(self) -> str:
+        return (
+            f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f} over {self.tokens} scored tokens "
+            f"in {self.examples} examples"
+        )
+
+
+def score_data(
+    model: Llama, tok: Tokenizer, path: str | os.PathLike, batch_size: int = 8, seq_len: int | None = None
+) -> DataScore:
+    """Masked next-token loss and perplexity of a jsonl file in any SFT format, masked exactly as sft masks it
+    (answers only; plain text whole); examples longer than `seq_len` (default: the context) are cut."""
+    import math
+
+    import mlx.core as mx
+
+    from llama2_mlx.data import Batcher, DataReport, EncodeOptions, read_examples
+    from llama2_mlx.losses import next_token_loss
+
+    examples = read_examples(Path(path), tok, EncodeOptions(), DataReport())
+    batches = Batcher(examples, batch_size, seq_len or model.args.max_seq_len)
+    total, weight = mx.array(0.0), mx.array(0.0)
+    for batch in batches.once():
+        batch_total, batch_weight = next_token_loss(model, *batch.inputs)
+        total, weight = total + batch_total, weight + batch_weight
+        mx.eval(total, weight)
+    if weight.item() == 0:
+        raise Llama2MLXError(f"{path}: no tokens to score (every example's loss mask is empty)")
+    loss = (total / weight).item()
+    return DataScore(loss, math.exp(loss), int(weight.item()), len(batches.examples))
+
+
 def format_report(report: EvalReport) -> str:
     """A small table: task accuracy per skill, then style adherence per turn."""
     lines = [f"{'task accuracy':<22}{'rate':>7}{'right/total':>14}"]
