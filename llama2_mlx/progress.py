@@ -15,7 +15,7 @@ class Progress:
     `close()` ends the line (or use `with`)."""
 
     def __init__(self, label: str, unit: str = "", scale: int = 1, stream: TextIO | None = None):
-        """`scale`: shown amounts are divided by it (bytes shown as MB: unit " MB", scale 2**20)."""
+        """`scale`: shown amounts are divided by it (bytes shown as MB: unit " MB", scale 10**6)."""
         self.label, self.unit, self.scale = label, unit, scale
         self.total = 1
         self.stream = stream or sys.stderr

@@ -34,9 +34,9 @@ def test_piped_progress_is_whole_lines_one_per_tenth():
 
 def test_terminal_progress_redraws_one_line():
     stream = _Terminal()
-    with Progress("copy", " MB", scale=2**20, stream=stream) as progress:
-        progress.tensor("a", 2**20, 2**21)
-        progress.tensor("b", 2**21, 2**21)
+    with Progress("copy", " MB", scale=10**6, stream=stream) as progress:
+        progress.tensor("a", 10**6, 2 * 10**6)
+        progress.tensor("b", 2 * 10**6, 2 * 10**6)
     assert stream.getvalue() == (
         "\rcopy [##########..........] 1.0/2.0 MB  a\rcopy [####################] 2.0/2.0 MB  b\n"
     )
@@ -57,9 +57,9 @@ def test_long_commands_show_progress(tmp_path):
     result = runner.invoke(cli, ["convert", str(demo_model_path()), str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("converting [")]
-    assert 1 <= len(lines) <= 10 and lines[-1].startswith("converting [####################] 3.3/3.3 MB")
+    assert 1 <= len(lines) <= 10 and lines[-1].startswith("converting [####################] 3.5/3.5 MB")
     result = runner.invoke(cli, ["export", str(tmp_path / "c"), str(tmp_path / "e")])
-    assert result.exit_code == 0 and "exporting [####################] 3.3/3.3 MB" in result.stderr
+    assert result.exit_code == 0 and "exporting [####################] 3.5/3.5 MB" in result.stderr
     result = runner.invoke(cli, ["eval", "--prompts", str(HELDOUT)])
     assert result.exit_code == 0 and "answering [####################] 12/12 answers\n" in result.stderr
     adapter = tmp_path / "adapter"
@@ -67,4 +67,4 @@ def test_long_commands_show_progress(tmp_path):
                                  "--iters", "1", "--batch-size", "2", "--seq-len", "128"])  # fmt: skip
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["fuse", "--adapter", str(adapter), "--out", str(tmp_path / "f")])
-    assert result.exit_code == 0 and "writing [####################] 3.3/3.3 MB" in result.stderr
+    assert result.exit_code == 0 and "writing [####################] 3.5/3.5 MB" in result.stderr

@@ -9,11 +9,11 @@ DTYPE_CHOICES = click.Choice(["float16", "bfloat16", "float32"])
 
 
 def _size(nbytes: int) -> str:
-    value = float(nbytes)
+    value = float(nbytes)  # decimal units, as file managers and `ls -h --si` show them
     for unit in ("B", "KB", "MB"):
-        if value < 1024:
+        if value < 1000:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+        value /= 1000
     return f"{value:.1f} GB"
 
 
@@ -35,7 +35,7 @@ def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool
     from llama2_mlx.checkpoints.convert import convert
     from llama2_mlx.progress import Progress
 
-    progress = Progress("converting", " MB", scale=2**20)
+    progress = Progress("converting", " MB", scale=10**6)
     try:
         result = convert(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None,
                          group_size=int(group_size) if group_size else None, force=force, verify=verify, progress=progress.tensor)  # fmt: skip
@@ -66,7 +66,7 @@ def export_command(model: str, dst: str, format_: str, force: bool) -> None:
     from llama2_mlx.checkpoints.export import export
     from llama2_mlx.progress import Progress
 
-    progress = Progress("exporting", " MB", scale=2**20)
+    progress = Progress("exporting", " MB", scale=10**6)
     try:
         path = export(model, dst, format=format_, force=force, progress=progress.tensor)
     finally:

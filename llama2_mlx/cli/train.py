@@ -63,7 +63,7 @@ def fuse(model: str | None, adapter: str, out: str, dequantize: bool, force: boo
     from llama2_mlx.lora import fuse_adapter
     from llama2_mlx.progress import Progress
 
-    with Progress("writing", " MB", scale=2**20) as progress:
+    with Progress("writing", " MB", scale=10**6) as progress:
         path = fuse_adapter(model or demo_model_path(), adapter, out, dequantize=dequantize, force=force,
                             progress=progress.tensor)  # fmt: skip
     click.echo(f"fused model written to {path}")
