@@ -5,6 +5,9 @@ the system prompt merged into the first user turn, each finished pair as `<s>[IN
 the open user turn without EOS, contents stripped, and the special tags refused with Meta's message. A dialog
 ending with the assistant renders its finished pairs (the ids `encode_dialog_with_mask` trains on). One
 difference: contents holding "<s>" or "</s>" are refused here, where `encode_dialog` encodes them as text.
+The text is Meta's exactly; the ids also depend on the tool's tokenizer: transformers 5 tokenizes Llama 2's
+vocabulary with the `tokenizers` BPE, which splits runs of spaces differently from Meta's sentencepiece
+("a  b"), so only text without such runs gets identical ids from it (tests/test_chat_template.py).
 """
 
 from __future__ import annotations
