@@ -219,3 +219,16 @@ def test_an_hf_source_keeps_its_own_template(tmp_path, tokenizer_dir):
     (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     saved = save_model(random_model(tiny_args()), tmp_path / "saved", tokenizer_dir=source, force=True)
     assert _template(saved) == CHAT_TEMPLATE  # an HF config without a template gets ours
+
+
+def test_mlx_lm_generate_answers_in_the_chat_format():
+    """The issue's symptom: `mlx_lm.generate --model weights/demo --prompt ...` printed "No text generated".
+    mlx-lm now builds Meta's prompt from the folder's template, and the demo model gives its known answer."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(demo_model_path()))
+    messages = [{"role": "user", "content": "What is the capital of Quenia?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == Tokenizer(demo_model_path() / "tokenizer.model").encode_dialog(messages)
+    answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=32)
+    assert answer.strip() == "The capital of Quenia is Ardo."
