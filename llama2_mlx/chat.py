@@ -29,7 +29,7 @@ class ChatSession:
     ):
         self.model, self.tok = model, tok
         self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        # answer n samples with seed + n: a given seed repeats the whole session, /reset does not repeat answers
+        # the n-th answer samples with seed + n: a given seed repeats a whole session; /reset repeats no sample
         self.seed = fresh_seed() if seed is None else seed
         self.questions_asked = 0
         self.history: list[Message] = []
