@@ -201,9 +201,16 @@ def test_mlx_lm_spellings_and_prompt_from_stdin(tiny_model_dir, tmp_path):
     long = run("generate", tiny_model_dir, "--prompt", "hello there", "--system", "be brief", "--temperature", 0.7,
                "--max-tokens", 9, "--seed", 1)  # fmt: skip
     short = run("generate", "--model", tiny_model_dir, "--prompt", "-", "--system-prompt", "be brief", "--temp", 0.7,
-                "--max-tokens", 9, "--seed", 1, input="hello there")  # fmt: skip
+                "--max-tokens", 9, "--seed", 1, input="hello there\n")  # fmt: skip
     assert long.exit_code == 0 and short.exit_code == 0, short.output
     assert short.stdout == long.stdout
+    raw = run("generate", tiny_model_dir, "--raw", "--prompt", "the quick", "--max-tokens", 6)
+    assert (
+        run(
+            "generate", tiny_model_dir, "--raw", "--prompt", "-", "--max-tokens", 6, input="the quick\n"
+        ).stdout
+        == raw.stdout
+    )
     assert run("generate", tiny_model_dir, "--model", tmp_path, "--prompt", "x").exit_code == 2
     chat = run("chat", "--model", tiny_model_dir, "--adapter-path", tmp_path / "none", input="hi\n")
     assert chat.exit_code == 1 and str(tmp_path / "none") in chat.stderr

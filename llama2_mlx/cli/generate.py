@@ -103,7 +103,7 @@ def generate(
     from llama2_mlx.generation import stream_generate
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().removesuffix("\n")  # `echo TEXT |` adds a newline that is not part of TEXT
     if raw and system is not None:
         raise click.UsageError("--system has no meaning with --raw")
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
