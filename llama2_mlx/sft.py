@@ -114,11 +114,7 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
     model, tokenizer = load(model_path)
-    seq_len = min(config.seq_len, model.args.max_seq_len)
-    if seq_len < config.seq_len and announce is not None and world.rank() == 0:
-        announce(f"warning: --seq-len {config.seq_len} is longer than {model_path}'s context "
-                 f"({model.args.max_seq_len} tokens); rows are cut to {seq_len}")  # fmt: skip
-
+    seq_len = min(config.seq_len, model.args.max_seq_len)  # past its context a model was never trained
     options = EncodeOptions(train_on_prompt=config.train_on_prompt, gatt=config.gatt)
     train_examples, valid_examples, report = load_sft_data(
         config.data, tokenizer, options, config.valid_fraction, config.seed, config.skip_bad_lines
@@ -163,6 +159,9 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
 
     train_config = TrainConfig.from_job(config, len(batches))
     if announce is not None and world.rank() == 0:
+        if seq_len < config.seq_len:
+            announce(f"warning: --seq-len {config.seq_len} is longer than {model_path}'s context "
+                     f"({model.args.max_seq_len} tokens); rows are cut to {seq_len}")  # fmt: skip
         announce(
             f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for validation;"
             f" {len(batches)} batches per epoch, {train_config.iters} steps"

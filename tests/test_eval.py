@@ -116,7 +116,7 @@ def test_eval_command_on_a_model_folder(tmp_path, tiny_model_dir):
     args = ["eval", str(tiny_model_dir), "--prompts", str(prompts), "--max-tokens", "4", "--json", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0].split() == ["task", "accuracy", "rate", "right/total"]
+    assert result.stdout.splitlines()[0].split() == ["task", "accuracy", "rate", "right/total"]
     scores = json.loads(out.read_text())
     totals = {skill: s["total"] for skill, s in scores["task_accuracy"].items()}
     assert totals == {"arithmetic": 1, "counting": 1, "follow_up": 3, "lookup": 2}
