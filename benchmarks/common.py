@@ -35,7 +35,9 @@ def time_pair(
 
 
 def machine() -> str:
-    blas = "OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else "default BLAS"
+    from llama2_mlx.openblas import active_blas
+
+    blas = "BLAS " + active_blas()
     return (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, MLX {mx.__version__} "
         f"on {mx.default_device()}, {blas}"

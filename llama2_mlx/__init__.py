@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from llama2_mlx import openblas
+
+openblas.preload()  # before anything imports mlx.core: MLX's Linux wheel then calls OpenBLAS (see openblas.py)
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from llama2_mlx.generation import GenerationChunk, stream_generate
 from llama2_mlx.model import Llama
+from llama2_mlx.sampling import fresh_seed
 from llama2_mlx.tokenizer import Message, Tokenizer, check_no_special_tags
 
 
@@ -21,14 +22,16 @@ class ChatSession:
         tok: Tokenizer,
         system: str | None = None,
         max_tokens: int = 256,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
         top_k: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         self.model, self.tok = model, tok
         self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        self.seed = seed
+        # the n-th answer samples with seed + n: a given seed repeats a whole session; /reset repeats no sample
+        self.seed = fresh_seed() if seed is None else seed
+        self.questions_asked = 0
         self.history: list[Message] = []
         self.system: str | None = None
         self.set_system(system)
@@ -52,12 +55,16 @@ class ChatSession:
     def ask(self, text: str) -> Iterator[GenerationChunk]:
         """Stream the answer to `text`; the exchange joins the history once any of the answer was produced."""
         question = {"role": "user", "content": text}
-        turn = len(self.history) // 2
+        self.questions_asked += 1
         answer: list[str] = []
         dropped = None
         try:
             for chunk in stream_generate(
-                self.model, self.tok, self.messages + [question], seed=self.seed + turn, **self.sampling
+                self.model,
+                self.tok,
+                self.messages + [question],
+                seed=self.seed + self.questions_asked,
+                **self.sampling,
             ):
                 dropped = chunk.stats.dropped_turns
                 answer.append(chunk.text)

@@ -8,7 +8,7 @@ template tag ("[INST]" etc.): the model has started to write the next turn itsel
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,11 +137,18 @@ def score(items: Sequence[HeldOut], answers: Sequence[Sequence[str]]) -> EvalRep
 
 
 def answer_heldout(
-    model: Llama, tok: Tokenizer, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
+    model: Llama,
+    tok: Tokenizer,
+    items: Sequence[HeldOut],
+    max_tokens: int = 48,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
-    """Greedy answers to every turn of every item, each turn seeing the model's own earlier answers."""
+    """Greedy answers to every turn of every item, each turn seeing the model's own earlier answers;
+    `progress(answers done, answers in all)` after each batch."""
     from llama2_mlx.generation import generate_batch
 
+    total, done = sum(len(item.turns) for item in items), 0
     histories: list[list[Message]] = [list(item.context) for item in items]
     answers: list[list[str]] = [[] for _ in items]
     for turn in range(max(len(item.turns) for item in items)):
@@ -155,14 +162,63 @@ def answer_heldout(
                 answer = _cut_at_tag(text).strip()
                 answers[i].append(answer)
                 histories[i].append({"role": "assistant", "content": answer})
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
     return answers
 
 
 def evaluate(
-    model: Llama, tok: Tokenizer, items: Sequence[HeldOut], max_tokens: int = 48, batch_size: int = 64
+    model: Llama,
+    tok: Tokenizer,
+    items: Sequence[HeldOut],
+    max_tokens: int = 48,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Answer the held-out dialogs and score the answers."""
-    return score(items, answer_heldout(model, tok, items, max_tokens, batch_size))
+    return score(items, answer_heldout(model, tok, items, max_tokens, batch_size, progress))
+
+
+@dataclass(frozen=True)
+class DataScore:
+    """Loss on a data file, as `sft` trains: mean cross-entropy per answer token (per token for plain text)."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+    def summary(self) -> str:
+        return (
+            f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f} over {self.tokens} scored tokens "
+            f"in {self.examples} examples"
+        )
+
+
+def score_data(
+    model: Llama, tok: Tokenizer, path: str | os.PathLike, batch_size: int = 8, seq_len: int | None = None
+) -> DataScore:
+    """Masked next-token loss and perplexity of a jsonl file in any SFT format, masked exactly as sft masks it
+    (answers only; plain text whole); examples longer than `seq_len` (default: the context) are cut."""
+    import math
+
+    import mlx.core as mx
+
+    from llama2_mlx.data import Batcher, DataReport, EncodeOptions, read_examples
+    from llama2_mlx.losses import next_token_loss
+
+    examples = read_examples(Path(path), tok, EncodeOptions(), DataReport())
+    batches = Batcher(examples, batch_size, seq_len or model.args.max_seq_len)
+    total, weight = mx.array(0.0), mx.array(0.0)
+    for batch in batches.once():
+        batch_total, batch_weight = next_token_loss(model, *batch.inputs)
+        total, weight = total + batch_total, weight + batch_weight
+        mx.eval(total, weight)
+    if weight.item() == 0:
+        raise Llama2MLXError(f"{path}: no tokens to score (every example's loss mask is empty)")
+    loss = (total / weight).item()
+    return DataScore(loss, math.exp(loss), int(weight.item()), len(batches.examples))
 
 
 def format_report(report: EvalReport) -> str:

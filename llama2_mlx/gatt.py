@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +78,13 @@ def build_gatt_dialogs(
     top_p: float = 0.9,
     seed: int = 0,
     batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[list[Message]]:
-    """Sample every answer with the instruction on every user message; return the dialogs to train on."""
+    """Sample every answer with the instruction on every user message; return the dialogs to train on.
+    `progress(answers done, answers in all)` follows the sampling."""
     from llama2_mlx.generation import generate_batch
 
+    total, done = sum(len(users) for users in dialogs), 0
     rng = random.Random(seed)
     chosen = []
     for _ in dialogs:
@@ -97,6 +101,9 @@ def build_gatt_dialogs(
                                      top_p=top_p, seed=seed + 1000 * turn + start)  # fmt: skip
             for i, sample in zip(rows, samples, strict=True):
                 answers[i].append(sample[0].strip() or "...")
+            done += len(rows)
+            if progress is not None:
+                progress(done, total)
     return [_training_dialog(users, answers[i], chosen[i]) for i, users in enumerate(dialogs)]
 
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 from llama2_mlx.detokenizer import StreamingDetokenizer
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model import Llama
-from llama2_mlx.sampling import check_sampling, sample
+from llama2_mlx.sampling import check_sampling, fresh_seed, sample
 from llama2_mlx.tokenizer import Message, Tokenizer
 
 Prompt = str | Sequence[Message]
@@ -111,11 +111,13 @@ def generate_rows(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
     n_samples: int = 1,
     stats: GenerationStats | None = None,
 ) -> Iterator[list[tuple[int, int]]]:
     """The core loop. Yields, per step, `(row, token)` for every row still running.
+
+    Sampling (temperature > 0) is repeatable with a `seed`; without one each call draws a fresh seed.
 
     Row `p * n_samples + k` is sample k of prompt p. A row stops after yielding EOS; all stop after `max_tokens`
     or when the context (`model.args.max_seq_len`) is full.
@@ -148,7 +150,7 @@ def generate_rows(
         logits = logits[rows]
         pad_array = pad_array[rows] if pad_array is not None else None
 
-    key = mx.random.key(seed)
+    key = mx.random.key(fresh_seed() if seed is None else seed)
 
     def next_token(logits: mx.array) -> mx.array:
         nonlocal key
@@ -228,7 +230,7 @@ def stream_generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> Iterator[GenerationChunk]:
     """Text pieces of one answer as they are generated; the last chunk has `token=None` and a finish reason."""
     ids, dropped = encode_prompt(tok, prompt, model.args.max_seq_len, max_tokens)
@@ -254,7 +256,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> str:
     """The answer to `prompt` (a list of messages -> Llama 2 chat format; a str -> plain continuation of BOS + text)."""
     return "".join(
@@ -272,7 +274,7 @@ def generate_batch_ids(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> tuple[list[list[list[int]]], GenerationStats]:
     """Answer token ids (EOS removed) `[prompt][sample]` for all prompts x `n_samples`, decoded in one batch."""
     encoded = [encode_prompt(tok, prompt, model.args.max_seq_len, max_tokens) for prompt in prompts]
@@ -297,7 +299,7 @@ def generate_batch(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> list[list[str]]:
     """Answers `[prompt][sample]` for many prompts x K samples, decoded together in one batch."""
     ids, _ = generate_batch_ids(model, tok, prompts, n_samples, max_tokens, temperature, top_p, top_k, seed)

@@ -30,16 +30,20 @@ def load(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtyp
 
 
 def demo_model_path() -> Path:
-    """The shipped demo model (`weights/demo` in the checkout); commands that take a model fall back to it."""
-    return Path(
-        os.environ.get("LLAMA2_MLX_DEMO_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo")
-    )
+    """The shipped demo model, which commands that take a model fall back to: $LLAMA2_MLX_DEMO_MODEL if set, else
+    `weights/demo` in a checkout, else the copy a wheel or `pip install .` puts inside the package."""
+    if "LLAMA2_MLX_DEMO_MODEL" in os.environ:
+        return Path(os.environ["LLAMA2_MLX_DEMO_MODEL"])
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "weights" / "demo"
+    return checkout if checkout.is_dir() else package / "demo_model"
 
 
 def demo_reward_model_path() -> Path:
-    """The shipped demo reward model (`weights/demo-rm`, an adapter and head on the demo model)."""
-    return Path(
-        os.environ.get(
-            "LLAMA2_MLX_DEMO_REWARD_MODEL", Path(__file__).resolve().parents[1] / "weights" / "demo-rm"
-        )
-    )
+    """The shipped demo reward model (an adapter and head on the demo model): $LLAMA2_MLX_DEMO_REWARD_MODEL if set,
+    else `weights/demo-rm` in a checkout, else the copy inside the installed package."""
+    if "LLAMA2_MLX_DEMO_REWARD_MODEL" in os.environ:
+        return Path(os.environ["LLAMA2_MLX_DEMO_REWARD_MODEL"])
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "weights" / "demo-rm"
+    return checkout if checkout.is_dir() else package / "demo_reward_model"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,8 +240,10 @@ def fuse_adapter(
     out: str | os.PathLike,
     dequantize: bool = False,
     force: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """base model folder + adapter folder -> a new model folder with the adapter merged into the weights."""
+    """base model folder + adapter folder -> a new model folder with the adapter merged into the weights
+    (computed as it is written: `progress(tensor, bytes written, total bytes)`)."""
     from llama2_mlx.destination import atomic_folder
     from llama2_mlx.model_folder import load_model, write_model_folder
 
@@ -249,7 +251,7 @@ def fuse_adapter(
         model = load_model(model_path)
         apply_adapter(model, adapter_dir)
         fuse(model, dequantize=dequantize)
-        write_model_folder(model, tmp, tokenizer_dir=model_path)
+        write_model_folder(model, tmp, tokenizer_dir=model_path, progress=progress)
     return Path(out)
 
 

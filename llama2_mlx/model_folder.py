@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from llama2_mlx.chat_template import with_chat_template
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
@@ -24,7 +26,13 @@ from llama2_mlx.shard_writer import DEFAULT_SHARD_BYTES, Entry, ShardWriter
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "uint32")  # uint32: packed quantized weights
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "chat_template.jinja",
+)
 
 
 def default_dtype(checkpoint_dtype: mx.Dtype = mx.bfloat16) -> mx.Dtype:
@@ -153,13 +161,15 @@ def save_model(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     config_extra: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`).
+    """Write `model` as a model folder (config.json, safetensors, tokenizer files copied from `tokenizer_dir`);
+    `progress(tensor, bytes written, total bytes)` follows the writing.
 
     `config_extra` adds or replaces config.json keys (a reward model's architecture and label count).
     """
     with atomic_folder(path, force=force, inputs=[tokenizer_dir]) as tmp:
-        write_model_folder(model, tmp, tokenizer_dir, dtype, max_shard_bytes, config_extra)
+        write_model_folder(model, tmp, tokenizer_dir, dtype, max_shard_bytes, config_extra, progress)
     return Path(path)
 
 
@@ -170,8 +180,10 @@ def write_model_folder(
     dtype: mx.Dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     config_extra: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
-    """The files of a model folder, written into `folder` (a temporary one: callers publish it atomically)."""
+    """The files of a model folder, written into `folder` (a temporary one: callers publish it atomically);
+    `progress(tensor, bytes written, total bytes)` follows the writing."""
     weights = dict(tree_flatten(model.parameters()))
     if not all(mx.all(mx.isfinite(v)).item() for v in weights.values() if _is_float(v)):
         raise Llama2MLXError(f"{folder}: refusing to write a model with non-finite (nan/inf) weights")
@@ -181,9 +193,13 @@ def write_model_folder(
     groups: dict[str, list[Entry]] = {}  # a module's tensors (a quantized weight's scales too) share a shard
     for name, array in weights.items():
         groups.setdefault(name.rsplit(".", 1)[0], []).append((name, tuple(array.shape), array.dtype))
+    total, done = sum(array.nbytes for array in weights.values()), 0
     with ShardWriter(folder, list(groups.values()), max_shard_bytes) as writer:
         for name, array in weights.items():
             writer.add(name, array)
+            done += array.nbytes
+            if progress is not None:
+                progress(name, done, total)
     config = {**model.args.to_hf_config(), **(config_extra or {})}
     quantization = quantization_of(model)
     if quantization:
@@ -198,15 +214,20 @@ def write_config(folder: Path, config: dict) -> None:
 
 
 def copy_tokenizer(source: Path, folder: Path) -> None:
+    """Copy the tokenizer files; the folder's tokenizer_config.json gets Llama 2's chat template if it has none."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
-    if not (folder / "tokenizer_config.json").exists() and (folder / "tokenizer.model").exists():
+    if (folder / "tokenizer_config.json").exists():
+        config = read_json(folder / "tokenizer_config.json", "a tokenizer config")
+        if not (folder / "chat_template.jinja").exists() and not config.get("chat_template"):
+            _write_tokenizer_config(folder, with_chat_template(config))
+    elif (folder / "tokenizer.model").exists():
         write_tokenizer_config(folder)
 
 
 def write_tokenizer_config(folder: Path) -> None:
-    """The tokenizer_config.json that lets transformers and mlx-lm open our sentencepiece tokenizer."""
+    """The tokenizer_config.json that lets transformers and mlx-lm open our tokenizer and apply its chat format."""
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",
@@ -218,7 +239,11 @@ def write_tokenizer_config(folder: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 4096,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer_config(folder, with_chat_template(config))
+
+
+def _write_tokenizer_config(folder: Path, config: dict) -> None:
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def quantization_of(model: nn.Module) -> dict | None:

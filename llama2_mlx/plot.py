@@ -1,6 +1,6 @@
 """`llama2-mlx plot RUN_DIR`: training and validation loss curves from a run's metrics.jsonl, drawn to a PNG.
 
-matplotlib is an optional extra (`pip install llama2-mlx[plot]`); training never needs it.
+matplotlib is optional (`pip install matplotlib`, or the `plot` extra); training never needs it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     try:
         import matplotlib
     except ImportError:
-        raise Llama2MLXError("plotting needs matplotlib: pip install llama2-mlx[plot]") from None
+        raise Llama2MLXError("plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
 

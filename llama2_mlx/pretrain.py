@@ -29,7 +29,10 @@ class PretrainConfig:
     """Every field is a flag of `llama2-mlx pretrain` and a key of its -c config.yaml."""
 
     config: str = field(
-        metadata={"help": "A size preset (tiny, llama-2-7b, ...), a params.json or a config.json."}
+        metadata={
+            "help": "The architecture: a size preset (tiny, llama-2-7b, ...), a params.json or a config.json "
+            "(not the YAML of flag values: that is -c/--config-file)."
+        }
     )
     data: str = field(metadata={"help": 'Corpus: .txt with one document a line, or .jsonl with {"text"}.'})
     tokenizer: str = field(metadata={"help": "tokenizer.model, or a folder holding it."})

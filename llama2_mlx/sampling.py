@@ -1,9 +1,12 @@
 """Choosing the next token: greedy, temperature, nucleus top-p exactly as Meta's `sample_top_p`, optional top-k.
 
-Randomness comes only from an explicit `mx.random` key, so a seed makes a whole generation repeatable.
+Randomness comes only from an explicit `mx.random` key, so a seed makes a whole generation repeatable; without a
+seed each generation draws a fresh one (`fresh_seed`), so sampling twice gives two samples.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import mlx.core as mx
 
@@ -18,6 +21,11 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise Llama2MLXError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise Llama2MLXError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
+def fresh_seed() -> int:
+    """A new random seed from the operating system, for generations that were given none."""
+    return secrets.randbits(32)
 
 
 # Sorting a 32000-entry distribution costs about 3 ms a row on a CPU, more than a small model's decode step. A

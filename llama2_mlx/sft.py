@@ -69,12 +69,12 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     model_path = Path(config.model) if config.model else demo_model_path()
     out = Path(config.out)
     model, tokenizer = load(model_path)
-
+    seq_len = min(config.seq_len, model.args.max_seq_len)  # past its context a model was never trained
     options = EncodeOptions(train_on_prompt=config.train_on_prompt, gatt=config.gatt)
     train_examples, valid_examples, report = load_sft_data(
         config.data, tokenizer, options, config.valid_fraction, config.seed, config.skip_bad_lines
     )
-    batching = dict(seq_len=config.seq_len, packing=config.pack, document_mask=config.pack_mask == "document",
+    batching = dict(seq_len=seq_len, packing=config.pack, document_mask=config.pack_mask == "document",
                     seed=config.seed, rank=world.rank(), world_size=world.size(), report=report)  # fmt: skip
     micro_batch = config.micro_batch
     batches = Batcher(train_examples, micro_batch, **batching)
@@ -89,6 +89,9 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
     claim = claim_job_folder(config, "sft", model_path, SFT_MEANING_FIELDS, world.rank() == 0)
     with claim as run:  # every check above has passed: from here on the folder is ours
         if announce is not None and world.rank() == 0:
+            if seq_len < config.seq_len:
+                announce(f"warning: --seq-len {config.seq_len} is longer than {model_path}'s context "
+                         f"({model.args.max_seq_len} tokens); rows are cut to {seq_len}")  # fmt: skip
             announce(
                 f"data: {report.summary()}; {len(train_examples)} for training, {len(valid_examples)} for "
                 f"validation; {len(batches)} batches per epoch, {train_config.iters} steps"

@@ -374,8 +374,11 @@ class ProgressBar(Callback):
                 f"[{'#' * done}{'.' * (20 - done)}] step {record['step']}/{self.total}  loss {record['loss']:.4f}"
                 f"  lr {record['lr']:.2e}  {record['tokens_per_sec']:.0f} tok/s  peak {record['peak_memory_gb']:.2f} GB"
             )
-            self.stream.write("\r" + line.ljust(len(self.last)))
-            self.last = line
+            if self.stream.isatty():
+                self.stream.write("\r" + line.ljust(len(self.last)))
+                self.last = line
+            else:  # a pipe or log file gets whole lines, not carriage returns
+                self.stream.write(line + "\n")
         self.stream.flush()
 
     def on_checkpoint(self, step: int, folder: Path) -> None:

@@ -24,18 +24,18 @@ def run(*args, input=None):
 
 def test_generate_chat_format_matches_library(tiny_model_dir, loaded):
     result = run("generate", tiny_model_dir, "--prompt", "hello", "--system", "be brief", "--max-tokens", 12,
-                 "--seed", 3)  # fmt: skip
+                 "--temperature", 0.6, "--top-p", 0.9, "--seed", 3)  # fmt: skip
     assert result.exit_code == 0, result.output
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     expected = generate(*loaded, messages, max_tokens=12, temperature=0.6, top_p=0.9, seed=3)
-    assert result.stdout == expected + "\n"
+    assert result.stdout == expected.strip() + "\n"
 
 
 def test_generate_raw_greedy_verbose(tiny_model_dir, loaded):
     result = run("generate", tiny_model_dir, "--prompt", "the quick", "--raw", "--temperature", 0, "--max-tokens",
                  8, "--verbose")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert result.stdout == generate(*loaded, "the quick", max_tokens=8) + "\n"
+    assert result.stdout == generate(*loaded, "the quick", max_tokens=8).strip() + "\n"
     assert "tokens/s" in result.stderr and "peak memory" in result.stderr
 
 
@@ -45,7 +45,7 @@ def test_chat_piped_input(tiny_model_dir, loaded):
     )
     assert result.exit_code == 0, result.output
     answer = generate(*loaded, [{"role": "user", "content": "hi"}], max_tokens=6)
-    assert result.stdout == (answer + "\n") * 2  # /reset: the second "hi" starts a new conversation
+    assert result.stdout == (answer.strip() + "\n") * 2  # /reset: the second "hi" starts a new conversation
     assert "[new conversation]" in result.stderr
 
 
@@ -155,7 +155,7 @@ def test_generate_with_adapter(tiny_model_dir, tmp_path, loaded):
                  "--adapter", tmp_path)  # fmt: skip
     assert result.exit_code == 0, result.output
     adapted = generate(*load(tiny_model_dir, tmp_path), "the quick", max_tokens=10)
-    assert result.stdout == adapted + "\n"
+    assert result.stdout == adapted.strip() + "\n"
     assert adapted != generate(*loaded, "the quick", max_tokens=10)
 
 
@@ -166,5 +166,62 @@ def test_generate_dtype_override(tiny_model_dir):
                  8, "--dtype", "bfloat16")  # fmt: skip
     assert result.exit_code == 0, result.output
     model, tok = load(tiny_model_dir, dtype=mx.bfloat16)
-    assert result.stdout == generate(model, tok, "the quick", max_tokens=8) + "\n"
+    assert result.stdout == generate(model, tok, "the quick", max_tokens=8).strip() + "\n"
     assert run("generate", tiny_model_dir, "--prompt", "x", "--dtype", "float8").exit_code == 2
+
+
+def test_one_sampling_default_for_the_api_and_the_cli():
+    """The CLI's defaults are the Python API's: greedy, top-p 1, and no fixed seed."""
+    import inspect
+
+    api = inspect.signature(generate).parameters
+    options = {option.name: option.default for option in cli.commands["generate"].params}
+    for name in ("temperature", "top_p", "seed"):
+        assert options[name] == api[name].default, name
+        assert {o.name: o.default for o in cli.commands["chat"].params}[name] == api[name].default
+    assert inspect.signature(ChatSession).parameters["temperature"].default == api["temperature"].default
+
+
+def test_sampling_draws_a_fresh_seed_unless_given_one(tiny_model_dir, loaded):
+    args = ("generate", tiny_model_dir, "--prompt", "hello", "--raw", "--temp", 2, "--max-tokens", 12)
+    unseeded = {run(*args).stdout for _ in range(3)}
+    assert len(unseeded) > 1  # three identical samples at temperature 2 would mean a fixed seed
+    assert run(*args, "--seed", 5).stdout == run(*args, "--seed", 5).stdout
+    assert len({generate(*loaded, "hello", max_tokens=12, temperature=2.0) for _ in range(3)}) > 1
+    session = ChatSession(*loaded, max_tokens=12, temperature=2.0)
+    first = "".join(c.text for c in session.ask("hi"))
+    session.reset()
+    assert "".join(c.text for c in session.ask("hi")) != first  # /reset does not replay the same sample
+    replays = [ChatSession(*loaded, max_tokens=12, temperature=2.0, seed=9) for _ in range(2)]
+    replayed = ["".join(c.text for c in session.ask("hi")) for session in replays]
+    assert replayed[0] == replayed[1]  # a given seed repeats the session
+
+
+def test_mlx_lm_spellings_and_prompt_from_stdin(tiny_model_dir, tmp_path):
+    long = run("generate", tiny_model_dir, "--prompt", "hello there", "--system", "be brief", "--temperature", 0.7,
+               "--max-tokens", 9, "--seed", 1)  # fmt: skip
+    short = run("generate", "--model", tiny_model_dir, "--prompt", "-", "--system-prompt", "be brief", "--temp", 0.7,
+                "--max-tokens", 9, "--seed", 1, input="hello there\n")  # fmt: skip
+    assert long.exit_code == 0 and short.exit_code == 0, short.output
+    assert short.stdout == long.stdout
+    raw = run("generate", tiny_model_dir, "--raw", "--prompt", "the quick", "--max-tokens", 6)
+    assert (
+        run(
+            "generate", tiny_model_dir, "--raw", "--prompt", "-", "--max-tokens", 6, input="the quick\n"
+        ).stdout
+        == raw.stdout
+    )
+    assert run("generate", tiny_model_dir, "--model", tmp_path, "--prompt", "x").exit_code == 2
+    chat = run("chat", "--model", tiny_model_dir, "--adapter-path", tmp_path / "none", input="hi\n")
+    assert chat.exit_code == 1 and str(tmp_path / "none") in chat.stderr
+
+
+def test_printed_answers_are_stripped(monkeypatch):
+    """Meta's format ends every answer with a space before EOS; the CLI prints the answer without it."""
+    from llama2_mlx.loading import demo_model_path
+
+    monkeypatch.delenv("LLAMA2_MLX_DEMO_MODEL", raising=False)
+    question = [{"role": "user", "content": "What is the capital of Quenia?"}]
+    assert generate(*load(demo_model_path()), question, max_tokens=32) == "The capital of Quenia is Ardo. "
+    result = run("generate", "--prompt", "What is the capital of Quenia?")
+    assert result.stdout == "The capital of Quenia is Ardo.\n"

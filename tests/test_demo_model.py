@@ -24,5 +24,5 @@ def test_chat_without_a_model_answers_piped_questions(monkeypatch):
     result = CliRunner().invoke(cli, ["chat", "--temperature", "0", "--max-tokens", "24"], input=questions)
     assert result.exit_code == 0, result.output
     # a fact from the world's table, then a follow-up that needs the first turn's context; the space before EOS
-    # is part of the trained answer format (Meta's "{answer} " + EOS)
-    assert result.stdout == "The capital of Quenia is Ardo. \nThe capital of Norland is Vesk. \n"
+    # (Meta's "{answer} " + EOS) is part of the answer but not printed
+    assert result.stdout == "The capital of Quenia is Ardo.\nThe capital of Norland is Vesk.\n"

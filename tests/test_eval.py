@@ -116,7 +116,7 @@ def test_eval_command_on_a_model_folder(tmp_path, tiny_model_dir):
     args = ["eval", str(tiny_model_dir), "--prompts", str(prompts), "--max-tokens", "4", "--json", str(out)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0].split() == ["task", "accuracy", "rate", "right/total"]
+    assert result.stdout.splitlines()[0].split() == ["task", "accuracy", "rate", "right/total"]
     scores = json.loads(out.read_text())
     totals = {skill: s["total"] for skill, s in scores["task_accuracy"].items()}
     assert totals == {"arithmetic": 1, "counting": 1, "follow_up": 3, "lookup": 2}
@@ -142,3 +142,47 @@ def test_default_prompts_are_the_worlds_heldout_set():
     items = world_heldout(seed=0, count=10)
     assert len(items) == 10 and sum(item.style is not None for item in items) == 4
     assert [len(item.turns) for item in items[:5]] == [1, 3, 3, 1, 3]
+
+
+def test_eval_data_is_the_masked_sft_loss(tmp_path, tiny_model_dir):
+    """`eval --data`: mean cross-entropy over answer tokens (all tokens of plain text), computed here by hand per
+    example with numpy, and its exponential."""
+    import math
+
+    import mlx.core as mx
+    import numpy as np
+
+    from llama2_mlx.data import DataReport, EncodeOptions, read_examples
+    from llama2_mlx.evaluation import score_data
+
+    data = tmp_path / "mine.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "what is the answer"},
+                {"role": "assistant", "content": "hello world"},
+            ]
+        },
+        {"prompt": "sort list", "completion": "the a quick"},
+        {"text": "the quick brown fox jumps over the lazy dog"},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    model, tok = load(tiny_model_dir)
+    total, count = 0.0, 0
+    for example in read_examples(data, tok, EncodeOptions(), DataReport()):
+        logits = np.array(model(mx.array([example.ids[:-1]]))[0], dtype=np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        for position, (target, scored) in enumerate(zip(example.ids[1:], example.mask[1:], strict=True)):
+            if scored:
+                total -= log_probs[position, target]
+                count += 1
+    assert 0 < count < sum(len(e.ids) for e in read_examples(data, tok, EncodeOptions(), DataReport()))
+    result = score_data(model, tok, data, batch_size=2)
+    assert result.tokens == count and result.examples == 3
+    assert result.loss == pytest.approx(total / count, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    cli_result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--data", str(data)])
+    assert cli_result.exit_code == 0, cli_result.output
+    assert cli_result.stdout == f"{result.summary()}\n"
+    assert CliRunner().invoke(cli, ["eval", "--data", str(data), "--prompts", str(data)]).exit_code == 2

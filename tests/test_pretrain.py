@@ -76,7 +76,7 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = CliRunner().invoke(cli, ["plot", str(tmp_path)])
     assert result.exit_code == 1
-    assert result.output.strip() == "error: plotting needs matplotlib: pip install llama2-mlx[plot]"
+    assert result.output.strip() == "error: plotting needs matplotlib: pip install matplotlib"
 
 
 def test_tokenizer_vocab_drives_the_model(tokenizer_dir):

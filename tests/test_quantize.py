@@ -73,7 +73,8 @@ def test_mlx_lm_loads_the_quantized_folder(meta_folder, tmp_path):
 
 
 def test_group_size_must_divide_the_dimension(meta_folder, tmp_path):
-    with pytest.raises(Llama2MLXError, match=r"cannot quantize with \{'group_size': 128, 'bits': 4\}"):
+    message = r"group size 128 does not divide the layers \(model width 64, .*\); --group-size 32 or 64 works"
+    with pytest.raises(Llama2MLXError, match=message):
         convert(meta_folder, tmp_path / "q", quantize=4, group_size=128)
     with pytest.raises(Llama2MLXError, match="3 bits is not supported"):
         convert(meta_folder, tmp_path / "q", quantize=3)
@@ -90,3 +91,27 @@ def test_cli_quantize(meta_folder, tmp_path):
         "group_size": 32,
         "bits": 8,
     }
+
+
+def test_default_group_size_fits_the_demo_model(tmp_path):
+    """The demo model's feed-forward layers are 352 wide: 64 does not divide them, so 32 is chosen and said."""
+    from llama2_mlx.loading import demo_model_path
+
+    result = CliRunner().invoke(
+        cli, ["convert", str(demo_model_path()), str(tmp_path / "q4"), "--quantize", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "group size 64 does not divide this model's layer widths; used 32" in result.stderr
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"] == {
+        "group_size": 32,
+        "bits": 4,
+    }
+    result = CliRunner().invoke(
+        cli,
+        ["convert", str(demo_model_path()), str(tmp_path / "q64"), "--quantize", "4", "--group-size", "64"],
+    )
+    assert result.exit_code == 1
+    assert (
+        "group size 64 does not divide the layers (model width 128, feed-forward width 352); --group-size 32 works"
+        in result.stderr
+    )

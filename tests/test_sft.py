@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -149,3 +150,27 @@ def test_qlora_and_full_fine_tuning_from_the_cli(tmp_path, tokenizer_dir):
     assert (tmp_path / "full" / "tokenizer.model").is_file()
     assert not mx.array_equal(tuned.model.embed_tokens.weight, before.model.embed_tokens.weight)
     assert not mx.array_equal(tuned.model.norm.weight, before.model.norm.weight)
+
+
+def test_seq_len_longer_than_the_context_is_cut_with_a_warning(tmp_path, monkeypatch):
+    """`sft --pack` with the default --seq-len 4096 on the 256-token demo model: rows stop at its context."""
+    import llama2_mlx.data
+    from llama2_mlx.loading import demo_model_path
+
+    seen = []
+    batcher = llama2_mlx.data.Batcher
+
+    def recording_batcher(*args, **kwargs):
+        seen.append(kwargs["seq_len"])
+        return batcher(*args, **kwargs)
+
+    monkeypatch.setattr(llama2_mlx.data, "Batcher", recording_batcher)
+    data = Path(__file__).resolve().parents[1] / "examples" / "data" / "sft_messages.jsonl"
+    result = CliRunner().invoke(cli, ["sft", str(demo_model_path()), "--data", str(data), "--out", str(tmp_path / "o"),
+                                      "--pack", "--iters", "1", "--batch-size", "2", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        f"warning: --seq-len 4096 is longer than {demo_model_path()}'s context (256 tokens); rows are cut to 256"
+        in result.stderr
+    )
+    assert seen == [256]

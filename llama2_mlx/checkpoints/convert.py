@@ -22,6 +22,7 @@ from llama2_mlx.checkpoints.checkpoint import Checkpoint, TensorSource
 from llama2_mlx.checkpoints.hf import read_hf
 from llama2_mlx.checkpoints.hub import resolve
 from llama2_mlx.checkpoints.meta import is_meta_folder, read_meta
+from llama2_mlx.config import ModelArgs
 from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import (
@@ -78,7 +79,7 @@ def convert(
     dst: str | os.PathLike,
     dtype: mx.Dtype | str | None = None,
     quantize: int | None = None,
-    group_size: int = 64,
+    group_size: int | None = None,
     force: bool = False,
     verify: bool = False,
     progress: Progress | None = None,
@@ -87,7 +88,8 @@ def convert(
     """Convert `src` into the MLX model folder `dst`.
 
     `dtype` defaults to the checkpoint's own float dtype (bf16 stays bf16 on disk; `load_model` casts for the
-    device). `quantize` = 4 or 8 bits stores MLX affine-quantized weights in mlx-lm's layout.
+    device). `quantize` = 4 or 8 bits stores MLX affine-quantized weights in mlx-lm's layout, in groups of
+    `group_size` (default: 64, or the largest of 128 and 32 that divides the layers' input widths).
     """
     start = time.perf_counter()
     target = _parse_dtype(dtype)
@@ -96,6 +98,7 @@ def convert(
     # first, so an existing or busy DST fails before any download or md5 sum
     with atomic_folder(dst, force=force, inputs=[src]) as tmp:
         checkpoint = open_checkpoint(src, verify)
+        quantization = _fit_group_size(quantization, checkpoint)
         _check_tensors(checkpoint, _model_parameters(checkpoint, None))
         _check_tokenizer(checkpoint)
         quantized = _model_parameters(checkpoint, quantization) if quantization else {}
@@ -152,14 +155,40 @@ def _parse_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | None:
     return parse_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def _quantization(bits: int | None, group_size: int) -> dict | None:
+def _quantization(bits: int | None, group_size: int | None) -> dict | None:
     if bits is None:
         return None
     if bits not in QUANTIZE_BITS:
         raise Llama2MLXError(f"quantize: {bits} bits is not supported; choose 4 or 8")
-    if group_size not in GROUP_SIZES:
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise Llama2MLXError(f"group size {group_size} is not supported; choose 32, 64 or 128")
     return {"group_size": group_size, "bits": bits}
+
+
+def fitting_group_sizes(args: ModelArgs) -> list[int]:
+    """The group sizes that divide the input width of every quantized layer (the model width, and the feed-forward
+    width for down_proj): MLX quantizes each row in groups."""
+    return [size for size in GROUP_SIZES if args.dim % size == 0 and args.hidden_dim % size == 0]
+
+
+def _fit_group_size(quantization: dict | None, checkpoint: Checkpoint) -> dict | None:
+    """The default group size (64, else the largest that fits) or the requested one, if it fits the layers."""
+    if quantization is None:
+        return None
+    fitting = fitting_group_sizes(checkpoint.args)
+    widths = f"model width {checkpoint.args.dim}, feed-forward width {checkpoint.args.hidden_dim}"
+    if not fitting:
+        raise Llama2MLXError(
+            f"{checkpoint.source}: no group size of 32, 64 or 128 divides the layers ({widths})"
+        )
+    if quantization["group_size"] is None:
+        return quantization | {"group_size": 64 if 64 in fitting else max(fitting)}
+    if quantization["group_size"] not in fitting:
+        raise Llama2MLXError(
+            f"{checkpoint.source}: group size {quantization['group_size']} does not divide the layers ({widths}); "
+            f"--group-size {' or '.join(map(str, fitting))} works"
+        )
+    return quantization
 
 
 def _model_parameters(checkpoint: Checkpoint, quantization: dict | None) -> dict[str, mx.array]:

@@ -8,12 +8,14 @@ model (base + adapter + head) is the exception: it is loaded and fused in memory
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from llama2_mlx.checkpoints.convert import Progress
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.destination import atomic_folder
 from llama2_mlx.errors import Llama2MLXError
@@ -33,9 +35,14 @@ FORMATS = ("hf",)
 
 
 def export(
-    model_dir: str | os.PathLike, dst: str | os.PathLike, format: str = "hf", force: bool = False
+    model_dir: str | os.PathLike,
+    dst: str | os.PathLike,
+    format: str = "hf",
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
-    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer).
+    """Write `model_dir` as a Hugging Face Llama folder at `dst` (safetensors, config.json, tokenizer);
+    `progress(tensor, bytes written, total bytes)` follows the writing.
 
     A reward-model folder becomes a `LlamaForSequenceClassification` folder (`score.weight`, `num_labels` 1, and
     `pad_token_id` by which transformers finds each row's last real token); a LoRA one is fused first, in memory.
@@ -69,6 +76,8 @@ def export(
         if _kept(name, quantized)
     ]
     with atomic_folder(dst, force=force, inputs=[folder]) as tmp:
+        total = sum(math.prod(shape) * dtype.size for _, shape, dtype in outputs)
+        done = 0
         with ShardWriter(tmp, [[entry] for entry in outputs]) as writer:
             for name, _, _ in outputs:
                 stem = name.rsplit(".", 1)[0]
@@ -76,7 +85,10 @@ def export(
                 array = _dequantize(weights, stem, quantization) if stem in quantized else weights.pop(name)
                 mx.eval(array)
                 writer.write(name, array)
+                done += array.nbytes
                 del array
+                if progress is not None:
+                    progress(name, done, total)
         float_dtypes = [dtype for _, _, dtype in outputs if mx.issubdtype(dtype, mx.floating)]
         config["torch_dtype"] = str(float_dtypes[0] if float_dtypes else mx.float32).rsplit(".", 1)[-1]
         write_config(tmp, config)

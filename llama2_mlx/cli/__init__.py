@@ -48,7 +48,16 @@ def cli(debug: bool) -> None:
 
 
 # Each area's module exposes COMMANDS, a list of click commands; add new modules to this tuple.
-_COMMAND_MODULES: tuple[str, ...] = ("convert", "generate", "train", "demo", "reward", "rlhf")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "convert",
+    "generate",
+    "train",
+    "demo",
+    "reward",
+    "rlhf",
+    "serve",
+    "doctor",
+)
 
 
 def _register_commands() -> None:

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 QUANTIZE_CHOICES = click.Choice(["4", "8"])
 DTYPE_CHOICES = click.Choice(["float16", "bfloat16", "float32"])
 
 
-class _TensorProgress:
-    """A click progress bar over the bytes read, opened on the first report (when the total is known)."""
-
-    def __init__(self, label: str):
-        self.label, self.bar, self.done = label, None, 0
-
-    def __call__(self, name: str, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
-            self.bar.__enter__()
-        self.bar.label = f"{self.label} {name}"
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-
-
 def _size(nbytes: int) -> str:
-    value = float(nbytes)
+    value = float(nbytes)  # decimal units, as file managers and `ls -h --si` show them
     for unit in ("B", "KB", "MB"):
-        if value < 1024:
+        if value < 1000:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+        value /= 1000
     return f"{value:.1f} GB"
 
 
@@ -47,18 +26,19 @@ def _size(nbytes: int) -> str:
 @click.option(
     "--quantize", type=QUANTIZE_CHOICES, default=None, help="Store MLX affine-quantized weights (bits)."
 )
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Quantization group size.")  # fmt: skip
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Quantization group size (default: 64, or the largest that divides the model's layer widths).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--verify", is_flag=True, help="Check Meta's checklist.chk md5 sums first.")
 def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool, verify: bool) -> None:
     """Convert a Meta folder, a Hugging Face folder or a hub id (org/name) into an MLX model folder DST."""
     from llama2_mlx.checkpoints.convert import convert
+    from llama2_mlx.progress import Progress
 
-    progress = _TensorProgress("converting")
+    progress = Progress("converting", " MB", scale=10**6)
     try:
         result = convert(src, dst, dtype=dtype, quantize=int(quantize) if quantize else None,
-                         group_size=int(group_size), force=force, verify=verify, progress=progress)  # fmt: skip
+                         group_size=int(group_size) if group_size else None, force=force, verify=verify, progress=progress.tensor)  # fmt: skip
     finally:
         progress.close()
     quantized = (
@@ -66,6 +46,9 @@ def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool
         if result.quantization
         else ""
     )
+    if result.quantization and group_size is None and result.quantization["group_size"] != 64:
+        click.echo(f"note: group size 64 does not divide this model's layer widths; "
+                   f"used {result.quantization['group_size']}", err=True)  # fmt: skip
     click.echo(
         f"wrote {result.path}: {result.parameters:,} parameters, {result.dtype}{quantized}, "
         f"{_size(result.bytes_on_disk)} on disk, {result.seconds:.1f} s"
@@ -81,8 +64,13 @@ def convert_command(src: str, dst: str, dtype, quantize, group_size, force: bool
 def export_command(model: str, dst: str, format_: str, force: bool) -> None:
     """Export the MLX model folder MODEL as a Hugging Face folder DST (quantized weights are dequantized)."""
     from llama2_mlx.checkpoints.export import export
+    from llama2_mlx.progress import Progress
 
-    path = export(model, dst, format=format_, force=force)
+    progress = Progress("exporting", " MB", scale=10**6)
+    try:
+        path = export(model, dst, format=format_, force=force, progress=progress.tensor)
+    finally:
+        progress.close()
     click.echo(f"wrote {path}")
 
 

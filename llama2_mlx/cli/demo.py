@@ -58,6 +58,12 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
 )
 @click.option("--seed", type=int, default=None, help="World seed of the default held-out set (default 0).")
 @click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Instead: loss and perplexity on this SFT-format .jsonl, masked as sft trains (answers only).",
+)
+@click.option(
     "--max-tokens", type=click.IntRange(min=1), default=48, show_default=True, help="Most tokens per answer."
 )
 @click.option(
@@ -77,24 +83,41 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
     default=None,
     help="Also write the scores to this JSON file.",
 )
-def eval_command(model: Path | None, prompts: Path | None, seed: int | None, max_tokens: int, batch_size: int,
-                 adapter: Path | None, json_out: Path | None) -> None:  # fmt: skip
-    """Score MODEL (default: the demo model) on held-out world prompts with greedy decoding.
+def eval_command(model: Path | None, prompts: Path | None, seed: int | None, data: Path | None, max_tokens: int,
+                 batch_size: int, adapter: Path | None, json_out: Path | None) -> None:  # fmt: skip
+    """Score MODEL (default: the demo model) on held-out world prompts with greedy decoding, or on your data.
 
     Prints task accuracy per skill and, for dialogs under a system style instruction, the share of answers that
-    follow it at each turn (the model's own earlier answers are fed back).
+    follow it at each turn (the model's own earlier answers are fed back). With --data, prints the loss and
+    perplexity of MODEL on that file instead.
     """
+    import dataclasses
     import json
 
     from llama2_mlx.evaluation import evaluate, format_report, read_heldout, world_heldout
     from llama2_mlx.fileio import write_text_atomic
     from llama2_mlx.loading import demo_model_path, load
+    from llama2_mlx.progress import Progress
 
     if prompts is not None and seed is not None:
         raise click.UsageError("--seed chooses the world's own held-out set; it cannot apply to --prompts")
+    if data is not None:
+        if prompts is not None or seed is not None:
+            raise click.UsageError("--data scores a data file; --prompts and --seed choose held-out dialogs")
+        from llama2_mlx.evaluation import score_data
+
+        loaded, tok = load(model or demo_model_path(), adapter)
+        result = score_data(loaded, tok, data, batch_size=batch_size)
+        click.echo(result.summary())
+        if json_out is not None:
+            write_text_atomic(json_out, json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        return
     items = read_heldout(prompts) if prompts is not None else world_heldout(seed or 0)
     loaded, tok = load(model or demo_model_path(), adapter)
-    report = evaluate(loaded, tok, items, max_tokens=max_tokens, batch_size=batch_size)
+    with Progress("answering", " answers") as progress:
+        report = evaluate(
+            loaded, tok, items, max_tokens=max_tokens, batch_size=batch_size, progress=progress.update
+        )
     click.echo(format_report(report))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report.to_json(), indent=2) + "\n")

@@ -14,18 +14,22 @@ CHAT_HELP = "commands: /reset (new conversation), /system TEXT (new system promp
 
 
 def _sampling_options(command: Callable) -> Callable:
-    """Flags shared by both commands; defaults are Meta's chat defaults (temperature 0.6, top-p 0.9)."""
+    """Flags shared by both commands, with mlx-lm's spellings as aliases. Defaults are the Python API's
+    (`llama2_mlx.generate`): greedy; Meta's chat sampled with --temperature 0.6 --top-p 0.9."""
     options = [
+        click.option("--model", "model_option", type=click.Path(path_type=Path), default=None,
+                     help="The model folder, as the MODEL argument (mlx-lm's spelling)."),
         click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Most tokens to generate per answer."),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.6, show_default=True,
-                     help="Sampling temperature; 0 = greedy."),
-        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=0.9,
-                     show_default=True, help="Nucleus sampling mass."),
+        click.option("--temperature", "--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Sampling temperature; 0 = greedy (Meta's chat: 0.6)."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
+                     show_default=True, help="Nucleus sampling mass (Meta's chat: 0.9)."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Keep only the K most likely tokens (0 = off)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (repeatable runs)."),
-        click.option("--adapter", type=click.Path(path_type=Path), default=None,
+        click.option("--seed", type=int, default=None,
+                     help="Random seed, to repeat a sampled answer (default: a fresh seed each run)."),
+        click.option("--adapter", "--adapter-path", type=click.Path(path_type=Path), default=None,
                      help="LoRA adapter folder to apply on top of the model."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on the CPU, the checkpoint's on a GPU)."),
@@ -36,10 +40,13 @@ def _sampling_options(command: Callable) -> Callable:
     return command
 
 
-def _load(model: Path | None, adapter: Path | None, dtype: str | None):
+def _load(model: Path | None, model_option: Path | None, adapter: Path | None, dtype: str | None):
     from llama2_mlx.loading import demo_model_path, load
     from llama2_mlx.model_folder import parse_dtype
 
+    if model is not None and model_option is not None and model != model_option:
+        raise click.UsageError(f"two models given: MODEL {model} and --model {model_option}")
+    model = model or model_option
     if model is None:
         model = demo_model_path()
         if not model.is_dir():
@@ -48,10 +55,17 @@ def _load(model: Path | None, adapter: Path | None, dtype: str | None):
 
 
 def _stream(chunks: Iterator, verbose: bool) -> None:
-    """Print an answer as it arrives; with --verbose, its statistics on stderr."""
-    chunk = None
+    """Print an answer as it arrives, without the whitespace around it (Meta's format ends answers with a space);
+    with --verbose, its statistics on stderr."""
+    chunk, started, held = None, False, ""
     for chunk in chunks:
-        click.echo(chunk.text, nl=False)
+        text = held + chunk.text
+        if not started:
+            text = text.lstrip()
+            started = bool(text)
+        shown = text.rstrip()
+        held = text[len(shown) :]  # trailing whitespace waits for more text
+        click.echo(shown, nl=False)
         sys.stdout.flush()
     click.echo()
     if chunk is not None and chunk.stats.dropped_turns:
@@ -62,22 +76,40 @@ def _stream(chunks: Iterator, verbose: bool) -> None:
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--prompt", required=True, help="The user message (or, with --raw, the text to continue).")
-@click.option("--system", default=None, help="System prompt (chat format).")
+@click.option(
+    "--prompt",
+    required=True,
+    help="The user message (or, with --raw, the text to continue); - reads it from standard input.",
+)
+@click.option("--system", "--system-prompt", default=None, help="System prompt (chat format).")
 @click.option("--raw", is_flag=True, help="Continue the text as is (BOS + text), without the chat format.")
 @_sampling_options
 def generate(
-    model, prompt, system, raw, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose
+    model,
+    prompt,
+    system,
+    raw,
+    model_option,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    adapter,
+    dtype,
+    verbose,
 ):
     """Answer one prompt with MODEL (default: the shipped demo model), streaming the text."""
     from llama2_mlx.generation import stream_generate
 
+    if prompt == "-":
+        prompt = sys.stdin.read().removesuffix("\n")  # `echo TEXT |` adds a newline that is not part of TEXT
     if raw and system is not None:
         raise click.UsageError("--system has no meaning with --raw")
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}
     ]
-    net, tok = _load(model, adapter, dtype)
+    net, tok = _load(model, model_option, adapter, dtype)
     chunks = stream_generate(
         net, tok, prompt if raw else messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, seed=seed,
@@ -87,13 +119,13 @@ def generate(
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)
-@click.option("--system", default=None, help="System prompt for the conversation.")
+@click.option("--system", "--system-prompt", default=None, help="System prompt for the conversation.")
 @_sampling_options
-def chat(model, system, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose):
+def chat(model, system, model_option, max_tokens, temperature, top_p, top_k, seed, adapter, dtype, verbose):
     """Chat with MODEL (default: the shipped demo model). Ctrl-C stops an answer; Ctrl-D or /exit quits."""
     from llama2_mlx.chat import ChatSession
 
-    net, tok = _load(model, adapter, dtype)
+    net, tok = _load(model, model_option, adapter, dtype)
     session = ChatSession(net, tok, system, max_tokens, temperature, top_p, top_k, seed)
     prompt = ""
     if hasattr(

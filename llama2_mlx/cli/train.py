@@ -66,6 +66,7 @@ def fuse(model: str | None, adapter: str | None, out: str, dequantize: bool, for
     """
     from llama2_mlx.loading import demo_model_path
     from llama2_mlx.lora import fuse_adapter
+    from llama2_mlx.progress import Progress
     from llama2_mlx.reward_model import fuse_reward_model, is_reward_folder
 
     model_path = Path(model) if model else demo_model_path()
@@ -76,7 +77,9 @@ def fuse(model: str | None, adapter: str | None, out: str, dequantize: bool, for
     elif adapter is None:
         raise click.UsageError("Missing option '--adapter' (needed unless MODEL is a reward-model folder).")
     else:
-        path = fuse_adapter(model_path, adapter, out, dequantize=dequantize, force=force)
+        with Progress("writing", " MB", scale=10**6) as progress:
+            path = fuse_adapter(model_path, adapter, out, dequantize=dequantize, force=force,
+                                progress=progress.tensor)  # fmt: skip
     click.echo(f"fused model written to {path}")
 
 
@@ -131,8 +134,19 @@ def gatt_data(model, dialogs, instructions, out, adapter, force, **sampling) -> 
     """Build Ghost Attention dialogs: answers sampled with the instruction on every user message, kept only as
     the first turn's system message in the output (train with `sft --gatt`)."""
     from llama2_mlx.gatt import run_gatt_data
+    from llama2_mlx.progress import Progress
 
-    count = run_gatt_data(model, dialogs, instructions, out, adapter=adapter, force=force, **sampling)
+    with Progress("sampling", " answers") as progress:
+        count = run_gatt_data(
+            model,
+            dialogs,
+            instructions,
+            out,
+            adapter=adapter,
+            force=force,
+            progress=progress.update,
+            **sampling,
+        )
     click.echo(f"wrote {count} dialogs to {out}")
 
 
