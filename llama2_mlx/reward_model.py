@@ -325,8 +325,14 @@ def fuse_reward_model(
 
 
 def resolve_base(folder: Path, base_model: str) -> Path:
-    """The base model folder named in a reward model's config: relative to that folder, else as given."""
-    for candidate in (folder / base_model, Path(base_model)):
+    """The base model folder named in a reward model's config: relative to that folder, else as given; the
+    shipped demo reward model's base is the shipped demo model wherever an install puts the two."""
+    from llama2_mlx.loading import demo_model_path, demo_reward_model_path
+
+    candidates = [folder / base_model, Path(base_model)]
+    if folder.resolve() == demo_reward_model_path().resolve():
+        candidates.append(demo_model_path())
+    for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
     raise Llama2MLXError(f"{folder / 'config.json'}: base_model {base_model!r} is not a model folder")

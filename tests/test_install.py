@@ -1,5 +1,5 @@
-"""A built wheel (what `pip install .` installs) carries the demo model, so `generate` works with no MODEL outside a
-checkout; pyproject's package list holds every subpackage."""
+"""A built wheel (what `pip install .` installs) carries the demo model and reward model, so `generate` and `score`
+work with no MODEL outside a checkout; pyproject's package list holds every subpackage."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def test_pyproject_lists_every_subpackage():
 def test_installed_wheel_finds_the_demo_model(tmp_path):
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     shutil.copytree(ROOT / "llama2_mlx", source / "llama2_mlx", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "weights" / "demo", source / "weights" / "demo")
+    for name in ("demo", "demo-rm"):
+        shutil.copytree(ROOT / "weights" / name, source / "weights" / name)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -48,3 +49,13 @@ def test_installed_wheel_finds_the_demo_model(tmp_path):
     location, answer = result.stdout.splitlines()[:2]
     assert Path(location).is_relative_to(site)
     assert answer.strip() == "The capital of Quenia is Ardo."
+    # the demo reward model ships too, and finds its base inside the package
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "What is 2 + 2?", "chosen": "2 + 2 = 4.", "rejected": "Bananas.", "rating": "better"}\n'
+    )
+    script = f"import sys; from llama2_mlx.cli import main; sys.argv = ['llama2-mlx', 'score', '--data', '{pairs}']; main()"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout
