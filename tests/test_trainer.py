@@ -9,6 +9,7 @@ import signal
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 
@@ -188,3 +189,61 @@ def test_validation_reported_before_and_after():
     direct_weight = sum(next_token_loss(model, *b.inputs)[1].item() for b in val_batches())
     assert result.val_loss == pytest.approx(direct_total / direct_weight, rel=1e-5)
     assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def weighted_squares(model, x, y, w):
+    """sum_i w_i * |model(x_i) - y_i|^2 and sum_i w_i: the trainer's (loss sum, weight) contract, w_i = tokens."""
+    return (((model(x) - y) ** 2).sum(-1) * w).sum(), w.sum()
+
+
+def regression_micro_batches(n: int, seed: int = 0) -> list[Batch]:
+    """Micro-batches of 2 rows with unequal weights (one row weighs 0), so that means per micro-batch, per row
+    and per token all differ."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(n):
+        x, y = rng.normal(size=(2, 4)), rng.normal(size=(2, 3))
+        w = np.array([index % 3, 1 + 2 * index], dtype=np.float32)
+        out.append(Batch((mx.array(x, mx.float32), mx.array(y, mx.float32), mx.array(w)), int(w.sum())))
+    return out
+
+
+def sgd_by_hand(weight, bias, micro_batches, grad_accum, lr, clip_norm):
+    """Plain SGD on the token mean of each step's whole batch: g = sum of gradients / sum of weights, clipped."""
+    weight, bias = weight.astype(np.float64), bias.astype(np.float64)
+    for start in range(0, len(micro_batches), grad_accum):
+        grad_w, grad_b, total = np.zeros_like(weight), np.zeros_like(bias), 0.0
+        for batch in micro_batches[start : start + grad_accum]:
+            x, y, w = (np.array(a, np.float64) for a in batch.inputs)
+            residual = 2 * w[:, None] * (x @ weight.T + bias - y)  # d/d(output) of the weighted squares
+            grad_w, grad_b, total = grad_w + residual.T @ x, grad_b + residual.sum(0), total + w.sum()
+        grad_w, grad_b = grad_w / total, grad_b / total
+        norm = math.sqrt((grad_w**2).sum() + (grad_b**2).sum())
+        if clip_norm and norm > clip_norm:
+            grad_w, grad_b = grad_w * clip_norm / norm, grad_b * clip_norm / norm
+        weight, bias = weight - lr * grad_w, bias - lr * grad_b
+    return weight, bias
+
+
+@pytest.mark.parametrize(("grad_accum", "clip_norm"), [(1, None), (3, None), (1, 0.05), (3, 0.05), (3, 1e3)])
+def test_sgd_update_equals_the_hand_computed_step_on_the_full_batch_gradient(grad_accum, clip_norm):
+    """Two SGD steps with a custom loss: the applied update is -lr * clip(sum of gradients / sum of weights).
+
+    AdamW hides a uniform scale of the gradient, so plain SGD is used to see it. Guards against: gradient
+    accumulation dividing by the weight twice, gradients not normalised by the token count, accumulation that
+    averages per-micro-batch means, and the clip-norm setting ignored.
+    """
+    micro_batches = regression_micro_batches(2 * grad_accum, seed=grad_accum)
+    mx.random.seed(0)
+    model = nn.Linear(4, 3)
+    start = np.array(model.weight), np.array(model.bias)
+    expected = sgd_by_hand(*start, micro_batches, grad_accum, 0.3, clip_norm)
+    if clip_norm is not None:  # 0.05 bites, 1e3 does not
+        unclipped = sgd_by_hand(*start, micro_batches, grad_accum, 0.3, None)
+        assert np.allclose(unclipped[0], expected[0]) == (clip_norm > 1)
+    config = TrainConfig(iters=2, grad_accum=grad_accum, clip_norm=clip_norm, progress=False)
+    result = train(model, optim.SGD(learning_rate=0.3), weighted_squares, lambda start: iter(micro_batches[start:]),
+                   config)  # fmt: skip
+    assert result.step == 2
+    np.testing.assert_allclose(np.array(model.weight), expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(model.bias), expected[1], rtol=1e-5, atol=1e-6)
