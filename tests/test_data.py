@@ -178,3 +178,22 @@ def test_restart_at_any_position_and_rank_slices():
         expected = sorted(np.array(next(whole).inputs[0]).sum(1).tolist())
         got = sorted(sum((np.array(next(s).inputs[0]).sum(1).tolist() for s in ranks), []))
         assert got == expected
+
+
+def test_each_epoch_is_a_different_permutation_of_the_batches():
+    """Four epochs of six one-example batches: each epoch visits every batch once, in an order of its own; the
+    same seed repeats the orders and another seed changes them.
+
+    Guards against: every epoch visiting the batches in the same order (a seed that ignores the epoch).
+    """
+    examples = [example(n, start=n) for n in range(4, 10)]  # batch identity = its length
+
+    def epochs(seed: int) -> list[tuple[int, ...]]:
+        stream = Batcher(examples, batch_size=1, seq_len=64, seed=seed)(0)
+        lengths = [next(stream).tokens for _ in range(24)]
+        return [tuple(lengths[i : i + 6]) for i in range(0, 24, 6)]
+
+    orders = epochs(seed=7)
+    assert all(sorted(order) == list(range(4, 10)) for order in orders)
+    assert len(set(orders)) == 4
+    assert epochs(seed=7) == orders and epochs(seed=8) != orders
