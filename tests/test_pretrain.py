@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -13,7 +14,6 @@ from llama2_mlx.cli import cli
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.loading import load
 from llama2_mlx.pretrain import model_args_for
-from llama2_mlx.tokenizer import Tokenizer
 
 
 def corpus(n: int, seed: int) -> str:
@@ -79,5 +79,25 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     assert result.output.strip() == "error: plotting needs matplotlib: pip install llama2-mlx[plot]"
 
 
-def test_tokenizer_vocab_drives_the_model(tokenizer_dir):
-    assert Tokenizer(tokenizer_dir / "tokenizer.model").vocab_size == 384
+def test_tokenizer_vocab_drives_the_model(tmp_path, tokenizer_dir):
+    """A config.json written for Llama 2's 32000-token vocabulary, pretrained with our 384-token tokenizer: the
+    model's embedding, output layer and logits have the tokenizer's 384 rows.
+
+    Guards against: pretraining keeping a config.json's vocab_size instead of the tokenizer's (every id above
+    the tokenizer's range would be an untrainable row, and the folder would not match its tokenizer).
+    """
+    from llama2_mlx.config import ModelArgs
+
+    hf_config = {**ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=32000, hidden_dim=64)
+                 .to_hf_config()}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    (tmp_path / "train.txt").write_text(corpus(20, 0))
+    args = ["pretrain", "--config", str(tmp_path / "config.json"), "--data", str(tmp_path / "train.txt"),
+            "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "m"), "--seq-len", "32", "--batch-size", "2",
+            "--iters", "1", "--valid-fraction", "0", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    model, tok = load(tmp_path / "m")
+    assert tok.vocab_size == 384 == model.args.vocab_size
+    assert model.model.embed_tokens.weight.shape == (384, 32) and model.lm_head.weight.shape == (384, 32)
+    assert model(mx.array([tok.encode("the quick brown fox")])).shape[-1] == 384
