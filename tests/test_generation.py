@@ -211,3 +211,18 @@ def test_decode_steps_are_independent_draws_from_the_tempered_nucleus():
     assert_frequencies_match(tokens, expected)
     repeats = (tokens[:, 1:] == tokens[:, :-1]).mean()
     assert abs(repeats - (expected**2).sum()) < 0.05, (repeats, (expected**2).sum())
+
+
+def test_generation_across_many_cache_growths_equals_full_recompute(model, tok, monkeypatch):
+    """Cache buffers of 4 positions: the prefill and every fourth decode step grow them; greedy tokens of a
+    left-padded batch still equal a full recompute of each prompt alone.
+
+    Guards against: a cache growth that loses (or misplaces) the positions already cached.
+    """
+    from llama2_mlx.cache import KVCache
+
+    monkeypatch.setattr(KVCache, "step", 4)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    assert min(len(p) for p in prompts) > 4
+    expected = [greedy_without_cache(model, p, 10) for p in prompts]
+    assert rows(model, prompts, eos_id=-1, max_tokens=10) == expected
