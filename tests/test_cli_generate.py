@@ -194,3 +194,23 @@ def test_generate_dtype_override(tiny_model_dir):
     model, tok = load(tiny_model_dir, dtype=mx.bfloat16)
     assert result.stdout == generate(model, tok, "the quick", max_tokens=8) + "\n"
     assert run("generate", tiny_model_dir, "--prompt", "x", "--dtype", "float8").exit_code == 2
+
+
+@pytest.mark.parametrize("cut", [["--top-k", 1], ["--top-p", 1e-6]])
+def test_top_k_and_top_p_flags_reach_the_sampler(tiny_model_dir, loaded, cut):
+    """At temperature 5 a random model's answer is noise, unless --top-k 1 or a tiny --top-p leaves one token a
+    step: then generate and chat answer greedily, whatever the seed.
+
+    Guards against: generate or chat dropping --top-k / --top-p on the way to the sampler.
+    """
+    prompt = "the quick brown fox"
+    greedy = generate(*loaded, [{"role": "user", "content": prompt}], max_tokens=12)
+    hot = ["--max-tokens", 12, "--temperature", 5, "--seed", 1, *cut]
+    assert (
+        generate(*loaded, [{"role": "user", "content": prompt}], max_tokens=12, temperature=5, seed=1)
+        != greedy
+    )
+    result = run("generate", tiny_model_dir, "--prompt", prompt, *hot)
+    assert result.exit_code == 0 and result.stdout == greedy + "\n", result.output
+    result = run("chat", tiny_model_dir, *hot, input=prompt + "\n")
+    assert result.exit_code == 0 and result.stdout == greedy + "\n", result.output

@@ -67,6 +67,11 @@ def test_text_and_completion_formats(tok):
     prompt_ids = tok.encode("what is 2 + 2", bos=True)
     assert completion.ids == prompt_ids + tok.encode(" 4", bos=False, eos=True)
     assert completion.mask == [False] * len(prompt_ids) + [True] * (len(completion.ids) - len(prompt_ids))
+    # Guards against: train_on_prompt ignored for completions (it is left at its default everywhere else)
+    everything = encode_row(row, tok, EncodeOptions(train_on_prompt=True))
+    assert everything.ids == completion.ids and everything.mask == [False] + [True] * (
+        len(completion.ids) - 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -106,6 +111,11 @@ def test_folder_with_valid_file_and_valid_fraction(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"text": f"row {i}"} for i in range(10)])
     train, valid, _ = load_sft_data(tmp_path, tok, EncodeOptions(), valid_fraction=0.2)
     assert (len(train), len(valid)) == (8, 2)
+    # the held-out rows are chosen by the seed. Guards against: a split that ignores the seed
+    held = {seed: {tok.decode(e.ids) for e in load_sft_data(tmp_path, tok, EncodeOptions(), 0.3, seed)[1]}
+            for seed in range(4)}  # fmt: skip
+    assert len({frozenset(rows) for rows in held.values()}) > 1
+    assert {tok.decode(e.ids) for e in load_sft_data(tmp_path, tok, EncodeOptions(), 0.3, 2)[1]} == held[2]
     write_jsonl(tmp_path / "valid.jsonl", [{"text": "held out"}])
     train, valid, _ = load_sft_data(tmp_path, tok, EncodeOptions(), valid_fraction=0.2)
     assert (len(train), len(valid)) == (10, 1)
