@@ -43,8 +43,7 @@ def test_gatt_data_cli_output_trains_with_sft_gatt(tmp_path, tiny_model_dir):
     """`gatt-data` writes dialogs that `sft --gatt` trains on, and --gatt trains the last answer only: the first
     reported loss (before any update; LoRA starts as the base model) is the base model's loss on that answer.
 
-    Guards against: sft ignoring --gatt (every answer trained, so the sampled early answers, produced with the
-    instruction in the prompt but trained without it, teach the wrong thing).
+    Guards against: sft ignoring --gatt (every answer of the dialog would be trained).
     """
     dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
               {"role": "user", "content": "what is 2 plus 2"}, {"role": "assistant", "content": "old"}]  # fmt: skip

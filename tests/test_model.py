@@ -141,7 +141,7 @@ def test_logits_match_transformers_reference(heads):
     "settings", [{"rope_theta": 1e6}, {"norm_eps": 1e-2}, {"tie": True, "rope_theta": 500.0}]
 )
 def test_config_values_off_their_defaults_reach_the_model(settings):
-    """Every other test model has rope_theta 10000, norm_eps 1e-5 and untied embeddings; here each is changed.
+    """The other parity tests use rope_theta 10000, norm_eps 1e-5 and untied embeddings; here each is changed.
 
     Guards against: the model ignoring rope_theta from its config (hard-coded 10000), RMSNorm ignoring norm_eps,
     and from_hf_config dropping rope_theta, rms_norm_eps or tie_word_embeddings.
@@ -155,7 +155,7 @@ def test_config_values_off_their_defaults_reach_the_model(settings):
 def _assert_matches_transformers(reference) -> None:
     args = ModelArgs.from_hf_config(reference.config.to_dict())
     ours = Llama(args)
-    tied = args.tie_word_embeddings  # transformers lists the shared matrix as lm_head.weight too
+    tied = reference.config.tie_word_embeddings  # a tied checkpoint has no lm_head.weight of its own
     ours.load_weights([(k, mx.array(v.numpy())) for k, v in reference.state_dict().items()
                        if not (tied and k == "lm_head.weight")])  # fmt: skip
     ids = tokens(2, 33, 301, seed=5)
