@@ -134,6 +134,32 @@ def test_chat_reports_dropped_turns(tiny_model_dir):
     result = run("chat", tiny_model_dir, "--max-tokens", 4, "--temperature", 0, input=f"{line}\n" * 10)
     assert result.exit_code == 0, result.output
     assert "[context full: dropped the oldest" in result.stderr
+    assert "error" not in result.stderr  # every turn was answered (a broken history fails with a role error)
+
+
+def test_chat_history_drops_whole_pairs_when_the_context_fills(tokenizer_dir):
+    """Long turns in a 128-token context: after every answer the history is exactly what the model was shown
+    (the oldest whole user/assistant pairs gone) plus the new pair, so roles keep alternating and no turn fails.
+
+    Guards against: the chat history dropping one message per dropped turn instead of the whole pair.
+    """
+    from llama2_mlx.generation import fit_dialog
+    from llama2_mlx.tokenizer import Tokenizer
+    from tests.conftest import random_model, tiny_args
+
+    tok = Tokenizer(tokenizer_dir / "tokenizer.model")
+    session = ChatSession(random_model(tiny_args(max_seq_len=128), seed=2), tok, system="speak in french",
+                          max_tokens=8, temperature=0, seed=0)  # fmt: skip
+    dropped_total = 0
+    for turn in range(6):
+        question = f"question {turn}: the quick brown fox jumps over the lazy dog"
+        before = list(session.history)
+        _, dropped = fit_dialog(tok, [*session.messages, {"role": "user", "content": question}], 128 - 8)
+        answer = "".join(chunk.text for chunk in session.ask(question))
+        assert session.history == before[2 * dropped :] + [{"role": "user", "content": question},
+                                                           {"role": "assistant", "content": answer}]  # fmt: skip
+        dropped_total += dropped
+    assert dropped_total >= 2  # the context did fill up, more than once
 
 
 def test_generate_with_adapter(tiny_model_dir, tmp_path, loaded):
@@ -225,3 +251,23 @@ def test_printed_answers_are_stripped(monkeypatch):
     assert generate(*load(demo_model_path()), question, max_tokens=32) == "The capital of Quenia is Ardo. "
     result = run("generate", "--prompt", "What is the capital of Quenia?")
     assert result.stdout == "The capital of Quenia is Ardo.\n"
+
+
+@pytest.mark.parametrize("cut", [["--top-k", 1], ["--top-p", 1e-6]])
+def test_top_k_and_top_p_flags_reach_the_sampler(tiny_model_dir, loaded, cut):
+    """At temperature 5 a random model's answer is noise, unless --top-k 1 or a tiny --top-p leaves one token a
+    step: then generate and chat answer greedily, whatever the seed.
+
+    Guards against: generate or chat dropping --top-k / --top-p on the way to the sampler.
+    """
+    prompt = "the quick brown fox"
+    greedy = generate(*loaded, [{"role": "user", "content": prompt}], max_tokens=12)
+    hot = ["--max-tokens", 12, "--temperature", 5, "--seed", 1, *cut]
+    assert (
+        generate(*loaded, [{"role": "user", "content": prompt}], max_tokens=12, temperature=5, seed=1)
+        != greedy
+    )
+    result = run("generate", tiny_model_dir, "--prompt", prompt, *hot)
+    assert result.exit_code == 0 and result.stdout == greedy + "\n", result.output
+    result = run("chat", tiny_model_dir, *hot, input=prompt + "\n")
+    assert result.exit_code == 0 and result.stdout == greedy + "\n", result.output

@@ -146,3 +146,22 @@ def test_corrupt_safetensors_and_no_weights(model, tmp_path):
     with pytest.raises(Llama2MLXError, match=r"model\.safetensors: cannot read safetensors"):
         convert(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cut", [1, 100])
+def test_truncated_safetensors_is_refused(model, tmp_path, tokenizer_dir, cut):
+    """A safetensors file missing its last bytes is refused by name before anything is written.
+
+    Guards against: the truncation check forgetting the header length (a file cut by fewer bytes than its JSON
+    header is long would pass, and the last tensor would be read past the end of the file).
+    """
+    source = _save(model, tmp_path / "hf", tokenizer_dir)
+    weights = source / "model.safetensors"
+    data = weights.read_bytes()
+    assert cut < int.from_bytes(data[:8], "little")  # fewer bytes than the header
+    weights.write_bytes(data[:-cut])
+    with pytest.raises(
+        Llama2MLXError, match=r"model\.safetensors: tensor .* reaches past the end of the file"
+    ):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

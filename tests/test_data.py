@@ -67,6 +67,11 @@ def test_text_and_completion_formats(tok):
     prompt_ids = tok.encode("what is 2 + 2", bos=True)
     assert completion.ids == prompt_ids + tok.encode(" 4", bos=False, eos=True)
     assert completion.mask == [False] * len(prompt_ids) + [True] * (len(completion.ids) - len(prompt_ids))
+    # Guards against: train_on_prompt ignored for completions (it is left at its default everywhere else)
+    everything = encode_row(row, tok, EncodeOptions(train_on_prompt=True))
+    assert everything.ids == completion.ids and everything.mask == [False] + [True] * (
+        len(completion.ids) - 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -106,6 +111,11 @@ def test_folder_with_valid_file_and_valid_fraction(tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [{"text": f"row {i}"} for i in range(10)])
     train, valid, _ = load_sft_data(tmp_path, tok, EncodeOptions(), valid_fraction=0.2)
     assert (len(train), len(valid)) == (8, 2)
+    # the held-out rows are chosen by the seed. Guards against: a split that ignores the seed
+    held = {seed: {tok.decode(e.ids) for e in load_sft_data(tmp_path, tok, EncodeOptions(), 0.3, seed)[1]}
+            for seed in range(4)}  # fmt: skip
+    assert len({frozenset(rows) for rows in held.values()}) > 1
+    assert {tok.decode(e.ids) for e in load_sft_data(tmp_path, tok, EncodeOptions(), 0.3, 2)[1]} == held[2]
     write_jsonl(tmp_path / "valid.jsonl", [{"text": "held out"}])
     train, valid, _ = load_sft_data(tmp_path, tok, EncodeOptions(), valid_fraction=0.2)
     assert (len(train), len(valid)) == (10, 1)
@@ -178,3 +188,22 @@ def test_restart_at_any_position_and_rank_slices():
         expected = sorted(np.array(next(whole).inputs[0]).sum(1).tolist())
         got = sorted(sum((np.array(next(s).inputs[0]).sum(1).tolist() for s in ranks), []))
         assert got == expected
+
+
+def test_each_epoch_is_a_different_permutation_of_the_batches():
+    """Four epochs of six one-example batches: each epoch visits every batch once, in an order of its own; the
+    same seed repeats the orders and another seed changes them.
+
+    Guards against: every epoch visiting the batches in the same order (a seed that ignores the epoch).
+    """
+    examples = [example(n, start=n) for n in range(4, 10)]  # batch identity = its length
+
+    def epochs(seed: int) -> list[tuple[int, ...]]:
+        stream = Batcher(examples, batch_size=1, seq_len=64, seed=seed)(0)
+        lengths = [next(stream).tokens for _ in range(24)]
+        return [tuple(lengths[i : i + 6]) for i in range(0, 24, 6)]
+
+    orders = epochs(seed=7)
+    assert all(sorted(order) == list(range(4, 10)) for order in orders)
+    assert len(set(orders)) == 4
+    assert epochs(seed=7) == orders and epochs(seed=8) != orders

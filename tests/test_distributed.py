@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from tests import distributed_worker
@@ -57,3 +59,18 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     assert (two / "run" / "checkpoint" / "trainer_state.json").is_file()
     assert json.loads((two / "run" / "checkpoint" / "trainer_state.json").read_text())["world_size"] == 2
     assert len((two / "run" / "metrics.jsonl").read_text().splitlines()) == len(expected)
+
+    # Plain SGD (no clipping): the applied update of 2 ranks equals that of 1 process on the combined batch.
+    # Guards against: the all-reduced gradient being a mean over ranks (halved) instead of a sum divided by the
+    # total token count; AdamW and clipping would hide that uniform scale.
+    single = mx.load(str(one / "sgd_rank0.safetensors"))
+    assert any(
+        name.endswith("lora_b") and mx.abs(value).max().item() > 1e-3 for name, value in single.items()
+    )
+    for rank in (0, 1):
+        trained = mx.load(str(two / f"sgd_rank{rank}.safetensors"))
+        assert sorted(trained) == sorted(single)
+        for name, value in single.items():
+            np.testing.assert_allclose(
+                np.array(trained[name]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=name
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from llama2_mlx.errors import Llama2MLXError
@@ -178,3 +179,50 @@ def test_stream_stops_at_eos(model, tok):
     assert [c.token for c in chunks] == shown + [None]
     assert chunks[-1].finish_reason == "eos" and chunks[-1].stats.generation_tokens == len(shown) + 1
     assert "".join(c.text for c in chunks) == tok.decode(shown)
+
+
+def constant_distribution_model(vocab: int = 8, seed: int = 3):
+    """A model whose next-token logits are the same after every prefix: every token has the same embedding, so
+    each position's hidden state (attention averages identical values) is the same too."""
+    model = random_model(tiny_args(vocab_size=vocab, max_seq_len=64), seed=seed)
+    embedding = model.model.embed_tokens.weight
+    model.model.embed_tokens.weight = mx.broadcast_to(embedding[:1] * 4, embedding.shape)
+    model.lm_head.weight = model.lm_head.weight * 3  # logits a few units apart
+    return model
+
+
+def test_decode_steps_are_independent_draws_from_the_tempered_nucleus():
+    """With one fixed next-token distribution, the tokens of every step follow it, and consecutive tokens of a row
+    repeat only as often as independent draws do (sum of q^2).
+
+    Guards against: one RNG key reused for every decode step (each row repeats its first token), and
+    generate_rows not passing temperature, top_p or top_k on to the sampler.
+    """
+    from tests.test_sampling import assert_frequencies_match, nucleus_by_hand
+
+    model = constant_distribution_model()
+    logits = np.array(model(mx.array([[1, 2, 3]]))[0], dtype=np.float64)
+    assert np.abs(logits - logits[0]).max() < 1e-4  # the same distribution at every position
+    expected = nucleus_by_hand(logits[0].tolist(), temperature=0.8, top_p=0.95, top_k=5)
+    assert 3 <= (expected > 0).sum() < 8
+    out = rows(model, [[1]], eos_id=-1, max_tokens=40, temperature=0.8, top_p=0.95, top_k=5, seed=4,
+               n_samples=64)  # fmt: skip
+    tokens = np.array(out)  # [64 rows, 40 steps]
+    assert_frequencies_match(tokens, expected)
+    repeats = (tokens[:, 1:] == tokens[:, :-1]).mean()
+    assert abs(repeats - (expected**2).sum()) < 0.05, (repeats, (expected**2).sum())
+
+
+def test_generation_across_many_cache_growths_equals_full_recompute(model, tok, monkeypatch):
+    """Cache buffers of 4 positions: the prefill and every fourth decode step grow them; greedy tokens of a
+    left-padded batch still equal a full recompute of each prompt alone.
+
+    Guards against: a cache growth that loses (or misplaces) the positions already cached.
+    """
+    from llama2_mlx.cache import KVCache
+
+    monkeypatch.setattr(KVCache, "step", 4)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    assert min(len(p) for p in prompts) > 4
+    expected = [greedy_without_cache(model, p, 10) for p in prompts]
+    assert rows(model, prompts, eos_id=-1, max_tokens=10) == expected

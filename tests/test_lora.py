@@ -177,3 +177,36 @@ def test_fuse_cli(tmp_path, tiny_model_dir):
     np.testing.assert_allclose(np.array(load_model(tmp_path / "f")(TOKENS)), expected, atol=1e-4)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_dropout_changes_train_mode_outputs_only():
+    """LoRA dropout (p = 0.5) acts on the adapter's input in train mode only, and keeps its expectation.
+
+    Guards against: LoRA dropout skipped in training mode, apply_lora ignoring the dropout setting, and dropout
+    applied to the frozen base path too.
+    """
+    model = random_model(tiny_args())
+    base = model(TOKENS)
+    apply_lora(model, LoRAConfig(rank=4, dropout=0.5, targets=["q", "v"]))
+    model.train()
+    assert mx.array_equal(model(TOKENS), base)  # B = 0: with no adapter update, dropout changes nothing
+    randomize_b(model)
+    model.eval()
+    adapted = model(TOKENS)
+    assert mx.array_equal(model(TOKENS), adapted) and not mx.allclose(adapted, base, atol=1e-3).item()
+    model.train()
+    first, second = model(TOKENS), model(TOKENS)
+    assert (
+        not mx.allclose(first, adapted, atol=1e-3).item() and not mx.allclose(first, second, atol=1e-3).item()
+    )
+
+    layer = LoRALinear.from_linear(nn.Linear(64, 32), rank=4, alpha=8, dropout=0.5)
+    layer.lora_b = mx.random.normal((4, 32), key=mx.random.key(1))
+    x = mx.random.normal((1, 64), key=mx.random.key(2))
+    layer.eval()
+    expected = layer.linear(x) + 2 * (x @ layer.lora_a) @ layer.lora_b
+    np.testing.assert_allclose(np.array(layer(x)), np.array(expected), rtol=1e-5, atol=1e-5)
+    layer.train()
+    draws = layer(mx.broadcast_to(x, (4000, 64)))  # inverted dropout: the mean is the eval output
+    mean, spread = np.array(draws.mean(0)), np.array(draws.std(0))
+    assert spread.min() > 0.05 and (np.abs(mean - np.array(expected[0])) < 4 * spread / np.sqrt(4000)).all()

@@ -116,13 +116,14 @@ def test_kv_cache_decoding_matches_meta_reference_and_full_forward(name):
         assert_close(mx.array(stepped[:, i : i + 1]), expected)
 
 
-def hf_reference(n_heads: int, n_kv_heads: int, seed: int = 0):
+def hf_reference(n_heads: int, n_kv_heads: int, seed: int = 0, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
+                 tie: bool = False):  # fmt: skip
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=n_heads,
-                         num_key_value_heads=n_kv_heads, vocab_size=301, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+                         num_key_value_heads=n_kv_heads, vocab_size=301, rms_norm_eps=norm_eps, rope_theta=rope_theta,
+                         max_position_embeddings=64, tie_word_embeddings=tie)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -133,10 +134,30 @@ def hf_reference(n_heads: int, n_kv_heads: int, seed: int = 0):
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
 def test_logits_match_transformers_reference(heads):
-    reference = hf_reference(*heads)
+    _assert_matches_transformers(hf_reference(*heads))
+
+
+@pytest.mark.parametrize(
+    "settings", [{"rope_theta": 1e6}, {"norm_eps": 1e-2}, {"tie": True, "rope_theta": 500.0}]
+)
+def test_config_values_off_their_defaults_reach_the_model(settings):
+    """The other parity tests use rope_theta 10000, norm_eps 1e-5 and untied embeddings; here each is changed.
+
+    Guards against: the model ignoring rope_theta from its config (hard-coded 10000), RMSNorm ignoring norm_eps,
+    and from_hf_config dropping rope_theta, rms_norm_eps or tie_word_embeddings.
+    """
+    reference = hf_reference(8, 2, seed=2, **settings)
+    with torch.no_grad():  # embeddings well above the default init, so that norm_eps 1e-2 is not everything
+        reference.model.embed_tokens.weight.mul_(0.1 / reference.model.embed_tokens.weight.std())
+    _assert_matches_transformers(reference)
+
+
+def _assert_matches_transformers(reference) -> None:
     args = ModelArgs.from_hf_config(reference.config.to_dict())
     ours = Llama(args)
-    ours.load_weights([(k, mx.array(v.numpy())) for k, v in reference.state_dict().items()])
+    tied = reference.config.tie_word_embeddings  # a tied checkpoint has no lm_head.weight of its own
+    ours.load_weights([(k, mx.array(v.numpy())) for k, v in reference.state_dict().items()
+                       if not (tied and k == "lm_head.weight")])  # fmt: skip
     ids = tokens(2, 33, 301, seed=5)
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -13,7 +14,6 @@ from llama2_mlx.cli import cli
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.loading import load
 from llama2_mlx.pretrain import model_args_for
-from llama2_mlx.tokenizer import Tokenizer
 
 
 def corpus(n: int, seed: int) -> str:
@@ -79,5 +79,49 @@ def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     assert result.output.strip() == "error: plotting needs matplotlib: pip install matplotlib"
 
 
-def test_tokenizer_vocab_drives_the_model(tokenizer_dir):
-    assert Tokenizer(tokenizer_dir / "tokenizer.model").vocab_size == 384
+@pytest.fixture(scope="module")
+def pretrained_from_32000_vocab_config(tmp_path_factory, tokenizer_dir):
+    """One pretraining step of a model whose config.json says 32000 tokens, with --init-std 0.05."""
+    from llama2_mlx.config import ModelArgs
+
+    folder = tmp_path_factory.mktemp("pretrain")
+    hf_config = ModelArgs(
+        dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=32000, hidden_dim=64
+    ).to_hf_config()
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    (folder / "train.txt").write_text(corpus(20, 0))
+    args = ["pretrain", "--config", str(folder / "config.json"), "--data", str(folder / "train.txt"),
+            "--tokenizer", str(tokenizer_dir), "--out", str(folder / "m"), "--seq-len", "32", "--batch-size", "2",
+            "--iters", "1", "--lr", "1e-5", "--valid-fraction", "0", "--init-std", "0.05", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return load(folder / "m")
+
+
+def test_tokenizer_vocab_drives_the_model(pretrained_from_32000_vocab_config):
+    """A config.json written for Llama 2's 32000-token vocabulary, pretrained with our 384-token tokenizer: the
+    model's embedding, output layer and logits have the tokenizer's 384 rows.
+
+    Guards against: pretraining keeping a config.json's vocab_size instead of the tokenizer's (every id above
+    the tokenizer's range would be an untrainable row, and the folder would not match its tokenizer).
+    """
+    model, tok = pretrained_from_32000_vocab_config
+    assert tok.vocab_size == 384 == model.args.vocab_size
+    assert model.model.embed_tokens.weight.shape == (384, 32) and model.lm_head.weight.shape == (384, 32)
+    assert model(mx.array([tok.encode("the quick brown fox")])).shape[-1] == 384
+
+
+def test_init_std_sets_the_spread_of_every_matrix(pretrained_from_32000_vocab_config):
+    """--init-std 0.05 (one step at lr 1e-5 later): every matrix has mean 0 and std 0.05, every norm weight is 1.
+
+    Guards against: --init-std ignored (the default 0.02 used), or the norms initialised like the matrices.
+    """
+    from mlx.utils import tree_flatten
+
+    model, _ = pretrained_from_32000_vocab_config
+    for name, weight in tree_flatten(model.parameters()):
+        values = np.array(weight)
+        if weight.ndim == 2:
+            assert abs(values.std() - 0.05) < 0.004 and abs(values.mean()) < 0.004, name
+        else:
+            np.testing.assert_allclose(values, 1.0, atol=1e-3, err_msg=name)

@@ -16,7 +16,7 @@ from llama2_mlx.data import Batcher, Example
 from llama2_mlx.lora import LoRAConfig, apply_lora
 from llama2_mlx.losses import next_token_loss
 from llama2_mlx.optim import OptimizerConfig, make_optimizer
-from llama2_mlx.trainer import Callback, TrainConfig, train
+from llama2_mlx.trainer import Batch, Callback, TrainConfig, train
 from tests.conftest import random_model, tiny_args
 
 ITERS = 8
@@ -88,3 +88,48 @@ def test_checkpoint_without_resume_is_refused(tmp_path, tiny_model_dir):
     assert result.exit_code == 1 and "holds a sft run with a checkpoint; use --resume" in result.output
     result = CliRunner().invoke(cli, [*args, "--iters", "3", "--resume"])
     assert result.exit_code == 0 and "done: 3 steps" in result.output, result.output
+
+
+def test_checkpoint_restores_the_random_key(tmp_path):
+    """After load_checkpoint, random draws continue exactly as they would have after the save.
+
+    Guards against: resume not restoring the RNG key (LoRA dropout masks would differ from the uninterrupted run),
+    or restoring only part of it.
+    """
+    from llama2_mlx.trainer import load_checkpoint, save_checkpoint
+
+    model = random_model(tiny_args(n_layers=1))
+    apply_lora(model, LoRAConfig(rank=2))
+    optimizer = make_optimizer(OptimizerConfig(), 10)
+    optimizer.init(model.trainable_parameters())
+    mx.random.seed(2**40 + 12345)  # a key whose two 32-bit halves are both non-zero
+    mx.random.uniform(shape=(3,))  # and moved on from the seed
+    save_checkpoint(model, optimizer, tmp_path / "ckpt", step=3, position=3, world_size=1)
+    expected = mx.random.uniform(shape=(5,)).tolist()
+    mx.random.seed(7)
+    assert load_checkpoint(model, optimizer, tmp_path / "ckpt") == 3
+    assert mx.random.uniform(shape=(5,)).tolist() == expected
+
+
+def test_resume_restarts_the_data_at_the_saved_micro_batch(tmp_path):
+    """With 3 micro-batches a step, a run stopped after 2 steps resumes reading at micro-batch 6.
+
+    Guards against: resume restarting the batch source at the step index instead of the micro-batch index.
+    """
+    starts = []
+
+    def batches(start):
+        starts.append(start)
+        return iter(
+            Batch((mx.array([[1, 2, 3, 4]]), mx.array([[False, True, True, True]])), 4) for _ in range(99)
+        )
+
+    def run_to(iters, resume):
+        model = random_model(tiny_args(n_layers=1))
+        config = TrainConfig(iters=iters, grad_accum=3, out_dir=tmp_path, resume=resume, progress=False)
+        return train(model, make_optimizer(OptimizerConfig(), 4), next_token_loss, batches, config)
+
+    run_to(2, resume=False)
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["data_position"] == 6
+    assert run_to(4, resume=True).step == 4
+    assert starts == [0, 6]

@@ -97,3 +97,69 @@ def test_candidate_shortcut_is_exact(scale, top_p, top_k, fast):
     assert [set(row) for row in got] == [set(row) for row in expected]
     for row_got, row_expected in zip(got, expected, strict=True):
         np.testing.assert_allclose([row_got[t] for t in row_expected], list(row_expected.values()), rtol=1e-5)
+
+
+def nucleus_by_hand(logits: list[float], temperature: float, top_p: float, top_k: int) -> np.ndarray:
+    """Meta's recipe in numpy: softmax(logits / T), keep the sorted prefix whose mass before each token is <= top_p,
+    at most top_k tokens, renormalise; returned in vocabulary order."""
+    probs = np.exp(np.array(logits) / temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    ranked = probs[order]
+    keep = np.cumsum(ranked) - ranked <= top_p
+    if top_k:
+        keep &= np.arange(len(ranked)) < top_k
+    kept = np.zeros_like(probs)
+    kept[order[keep]] = ranked[keep]
+    return kept / kept.sum()
+
+
+def chi_square_threshold(dof: int, z: float = 3.72) -> float:
+    """Upper quantile of chi-square(dof) at about 1e-4 (Wilson-Hilferty; z is the normal quantile)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def assert_frequencies_match(tokens: np.ndarray, expected: np.ndarray) -> None:
+    """Pearson chi-square goodness of fit over the tokens that `expected` allows; no other token may appear."""
+    counts = np.bincount(tokens.ravel(), minlength=len(expected))
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0, f"tokens outside the nucleus were drawn: {counts}"
+    n = counts.sum()
+    statistic = float((((counts - n * expected) ** 2)[allowed] / (n * expected[allowed])).sum())
+    assert statistic < chi_square_threshold(int(allowed.sum()) - 1), (statistic, counts / n, expected)
+
+
+LOGITS = [2.0, 0.5, 1.2, -0.3, 0.9, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "top_k"), [(0.5, 0.9, 0), (2.0, 0.8, 0), (0.7, 1.0, 3), (1.5, 0.85, 4)]
+)
+def test_tempered_top_p_top_k_frequencies_follow_the_renormalised_softmax(temperature, top_p, top_k):
+    """Sampled frequencies at temperature T with top-p/top-k equal softmax(logits / T) cut and renormalised.
+
+    Guards against: the temperature applied twice on the top-p/top-k path (softmax(logits / T^2)), and top-k or
+    the top-p rule ignored or applied to the untempered distribution.
+    """
+    expected = nucleus_by_hand(LOGITS, temperature, top_p, top_k)
+    assert 2 <= (expected > 0).sum() < len(LOGITS)  # each case cuts some tokens and keeps several
+    logits = mx.array([LOGITS] * 20000)
+    tokens = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, key=mx.random.key(11))
+    assert_frequencies_match(np.array(tokens), expected)
+
+
+def test_rows_of_different_peakedness_keep_their_own_nucleus():
+    """A peaked row (its top candidates hold the mass) batched with a flat one (they do not): each row's nucleus
+    is the one it gets alone, and the flat row keeps tokens beyond the first CANDIDATES.
+
+    Guards against: the candidate shortcut taken when ANY row holds the mass instead of ALL rows (the flat row
+    would lose every token outside its top CANDIDATES).
+    """
+    noise = mx.random.normal((2, 5000), key=mx.random.key(6))
+    probs = mx.softmax(noise * mx.array([[6.0], [0.5]]), axis=-1)
+    batched = _as_dict(*nucleus(probs, 0.9))
+    for row in range(2):
+        alone = _as_dict(*nucleus(probs[row : row + 1], 0.9))[0]
+        assert set(batched[row]) == set(alone)
+        np.testing.assert_allclose([batched[row][t] for t in alone], list(alone.values()), rtol=1e-5)
+    assert len(batched[0]) < CANDIDATES < len(batched[1])

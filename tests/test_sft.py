@@ -174,3 +174,47 @@ def test_seq_len_longer_than_the_context_is_cut_with_a_warning(tmp_path, monkeyp
         in result.stderr
     )
     assert seen == [256]
+
+
+def sft_records(tmp_path, model_dir, data, name, *flags) -> list[dict]:
+    """The training reports (metrics.jsonl, every step) of a short `sft` run."""
+    args = ["sft", str(model_dir), "--data", str(data), "--out", str(tmp_path / name), "--lr", "1e-2",
+            "--seq-len", "128", "--report-every", "1", "--seed", "0", "--no-progress", *flags]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def test_sft_epoch_with_grad_accum_visits_every_example_once(tmp_path, tiny_model_dir):
+    """One epoch of 16 dialogs at --batch-size 4 --grad-accum 2 (micro-batches of 2) is 4 steps that train on
+    every dialog's tokens exactly once.
+
+    Guards against: --grad-accum making every micro-batch a whole batch (8 rows a step, and 2 steps an epoch).
+    """
+    rows = dialogs(16, seed=3)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    records = sft_records(
+        tmp_path, tiny_model_dir, data, "a", "--batch-size", "4", "--grad-accum", "2", "--epochs", "1"
+    )
+    _, tok = load(tiny_model_dir)
+    tokens = sum(len(encode_row(row, tok, EncodeOptions()).ids) for row in rows)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["trained_tokens"] == tokens
+
+
+def test_sft_pack_mask_flag(tmp_path, tiny_model_dir):
+    """All 6 dialogs in one step: --pack with the default document mask gives the unpacked loss; --pack-mask none
+    (attention across the packed dialogs) does not.
+
+    Guards against: sft ignoring --pack-mask none (or --pack).
+    """
+    data = write_jsonl(tmp_path / "d.jsonl", dialogs(6, seed=4))
+
+    def first_loss(name, *flags):
+        return sft_records(tmp_path, tiny_model_dir, data, name, "--batch-size", "6", "--iters", "1", *flags)[
+            0
+        ]["loss"]
+
+    unpacked = first_loss("unpacked")
+    assert first_loss("packed", "--pack") == pytest.approx(unpacked, rel=1e-4)
+    assert first_loss("none", "--pack", "--pack-mask", "none") != pytest.approx(unpacked, rel=1e-3)
