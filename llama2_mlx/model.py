@@ -131,7 +131,10 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, mask: Mask = None, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.model(tokens, mask, cache)
+        return self.head(self.model(tokens, mask, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Hidden states [..., dim] -> float32 logits [..., vocab]; the losses call it on chosen positions only."""
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:

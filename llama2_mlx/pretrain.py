@@ -51,6 +51,12 @@ class PretrainConfig:
     epochs: float = field(default=1.0, metadata={"help": "Passes over the corpus when --iters is not set."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    loss_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "Positions per chunk of vocabulary logits in the loss (0: automatic, 128 at vocab 32000)."
+        },
+    )
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation of weights."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and the valid split."})
     save_every: int = field(default=500, metadata={"help": "Checkpoint (and model folder) every N steps."})
@@ -188,4 +194,12 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
     if world.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "pretrain_config.json", json.dumps(asdict(config), indent=2) + "\n")
-    return train(model, optimizer, next_token_loss, batches, train_config, val_batches, [SaveModel()])
+    return train(
+        model,
+        optimizer,
+        partial(next_token_loss, chunk=config.loss_chunk or None),
+        batches,
+        train_config,
+        val_batches,
+        [SaveModel()],
+    )

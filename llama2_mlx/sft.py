@@ -33,6 +33,12 @@ class SFTConfig:
     full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    loss_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "Positions per chunk of vocabulary logits in the loss (0: automatic, 128 at vocab 32000)."
+        },
+    )
     lr: float = field(
         default=2e-5, metadata={"help": "Peak learning rate (paper: 2e-5; LoRA usually wants 1e-4)."}
     )
@@ -86,6 +92,8 @@ class SFTConfig:
             raise Llama2MLXError(f"pack_mask must be 'document' or 'none', got {self.pack_mask!r}")
         if self.layers != "all" and not str(self.layers).isdigit():
             raise Llama2MLXError(f"layers must be a number or 'all', got {self.layers!r}")
+        if self.loss_chunk < 0:
+            raise Llama2MLXError(f"loss_chunk must be 0 (automatic) or positive, got {self.loss_chunk}")
         for name in ("batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise Llama2MLXError(f"{name} must be positive, got {getattr(self, name)}")
@@ -165,7 +173,15 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
         )
     optimizer = make_optimizer(OptimizerConfig.from_job(config), train_config.iters)
     callbacks = [SaveAdapters()] if lora is not None else []
-    result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
+    result = train(
+        model,
+        optimizer,
+        partial(next_token_loss, chunk=config.loss_chunk or None),
+        batches,
+        train_config,
+        val_batches,
+        callbacks,
+    )
     if config.full and world.rank() == 0:
         write_model_files(model, out, tokenizer_dir=model_path)
     return result, report
