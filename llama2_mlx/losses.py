@@ -117,6 +117,8 @@ def _chunked_logprobs(
     each chunk starts only after the previous one's results are computed (`mx.depends`), when its logits are dead.
     """
     chunk = chunk or loss_chunk_size(model.args.vocab_size)
+    if chunk <= 0:
+        raise Llama2MLXError(f"loss chunk must be positive (or 0 for automatic), got {chunk}")
     head = _head_module(model)
     params = head.trainable_parameters() if head_grads and weights is not None else {}
     vocab = mx.arange(model.args.vocab_size)

@@ -125,6 +125,12 @@ def test_token_logprobs_equal_log_softmax_and_their_gradient():
         assert mx.abs(grad - ref).max().item() <= 1e-4 * mx.abs(ref).max().item(), name
 
 
+def test_negative_chunk_is_refused():
+    model = random_model(tiny_args())
+    with pytest.raises(Llama2MLXError, match="loss chunk must be positive"):
+        next_token_loss(model, mx.array([[1, 5, 7]]), mx.array([[False, True, True]]), chunk=-4)
+
+
 def test_token_logprobs_refuse_a_trainable_head():
     model = random_model(tiny_args())
     with pytest.raises(Llama2MLXError, match="output projection is trainable"):
