@@ -77,15 +77,28 @@ def token_logprobs(
 ) -> mx.array:
     """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: [B, L - 1], one chunk of vocabulary logits at a time.
 
-    For PPO and DPO: mask and sum the result as the objective needs. Gradients flow to everything before the output
-    projection (LoRA); a trainable projection (full fine-tuning) is refused, as its gradient would need the
-    per-position cotangents this path does not keep. `differentiable=False` (reference or rollout log-probs)
-    skips computing the gradients, halving the work.
+    For PPO and DPO: mask and sum the result as the objective needs. See `hidden_logprobs` for the gradients.
     """
     attention = document_mask(doc_ids[:, :-1]) if doc_ids is not None else None
     hidden = model.model(tokens[:, :-1], mask=attention)
+    return hidden_logprobs(model, hidden, tokens[:, 1:], chunk, differentiable)
+
+
+def hidden_logprobs(
+    model: nn.Module,
+    hidden: mx.array,
+    targets: mx.array,
+    chunk: int | None = None,
+    differentiable: bool = True,
+) -> mx.array:
+    """log p(targets) from hidden states [B, L, dim] (`model.model`'s output, which a value head can share): [B, L].
+
+    Gradients flow to everything before the output projection (LoRA); a trainable projection (full fine-tuning) is
+    refused, as its gradient would need the per-position cotangents this path does not keep.
+    `differentiable=False` (reference or rollout log-probs) skips computing the gradients, halving the work.
+    """
     batch, length, dim = hidden.shape
-    hidden, targets = hidden.reshape(-1, dim), tokens[:, 1:].reshape(-1)
+    hidden, targets = hidden.reshape(-1, dim), targets.reshape(-1)
     if not differentiable:
         logprobs, _, _ = _chunked_logprobs(model, hidden, targets, None, chunk, head_grads=False)
         return logprobs.reshape(batch, length)

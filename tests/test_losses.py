@@ -13,7 +13,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from llama2_mlx.data import Batcher, EncodeOptions, Example, encode_messages
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.lora import LoRAConfig, apply_lora
-from llama2_mlx.losses import document_mask, loss_chunk_size, next_token_loss, token_logprobs
+from llama2_mlx.losses import (
+    document_mask,
+    hidden_logprobs,
+    loss_chunk_size,
+    next_token_loss,
+    token_logprobs,
+)
 from llama2_mlx.tokenizer import Tokenizer
 from tests.conftest import random_model, tiny_args
 
@@ -117,6 +123,8 @@ def test_token_logprobs_equal_log_softmax_and_their_gradient():
     expected = reference(model, tokens)
     assert mx.allclose(token_logprobs(model, tokens, chunk=32), expected, atol=1e-5)
     assert mx.allclose(token_logprobs(model, tokens, differentiable=False), expected, atol=1e-5)
+    hidden = model.model(tokens[:, :-1])
+    assert mx.allclose(hidden_logprobs(model, hidden, tokens[:, 1:], chunk=16), expected, atol=1e-5)
     _, ref_grads = nn.value_and_grad(model, lambda m, t: (reference(m, t) * weights).sum())(model, tokens)
     _, grads = nn.value_and_grad(model, lambda m, t: (token_logprobs(m, t, chunk=32) * weights).sum())(
         model, tokens
