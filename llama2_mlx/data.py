@@ -351,7 +351,16 @@ class Batcher(BatchStream):
                 mask[r, position:end] = example.mask
                 docs[r, position:end] = d
                 position = end
-        inputs = (mx.array(tokens), mx.array(mask))
-        if self.document_ids:
-            inputs += (mx.array(docs),)
+        docs = mx.array(docs) if self.document_ids else None
+        inputs = (mx.array(tokens), mx.array(mask), docs, mx.array(loss_positions(mask)))
         return Batch(inputs, int(sum(fills)))
+
+
+def loss_positions(mask: np.ndarray, multiple: int = 64) -> np.ndarray:
+    """Flat indices into mask[:, 1:] (the targets) of the positions whose loss counts, padded with -1 to a multiple
+    of `multiple` so that the compiled training step sees few distinct shapes; `next_token_loss` projects only
+    these positions onto the vocabulary."""
+    positions = np.flatnonzero(mask[:, 1:]).astype(np.int32)
+    padded = np.full(max(multiple, -(-len(positions) // multiple) * multiple), -1, np.int32)
+    padded[: len(positions)] = positions
+    return padded

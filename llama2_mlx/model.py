@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from llama2_mlx.attention import QUERY_BLOCK, blocked_attention
 from llama2_mlx.cache import KVCache
 from llama2_mlx.config import ModelArgs
 
@@ -69,7 +70,10 @@ class Attention(nn.Module):
         # softmax runs in float32 inside it.
         if mask is None and length > 1:
             mask = "causal"
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # Without a cache (training, scoring) a long row attends in blocks of queries: see attention.py.
+        long_row = cache is None and length > QUERY_BLOCK
+        attend = blocked_attention if long_row else mx.fast.scaled_dot_product_attention
+        out = attend(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -131,7 +135,10 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, mask: Mask = None, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.model(tokens, mask, cache)
+        return self.head(self.model(tokens, mask, cache))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Hidden states [..., dim] -> float32 logits [..., vocab]; the losses call it on chosen positions only."""
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:

@@ -68,6 +68,13 @@ class PretrainConfig:
     )
     grad_accum: int = field(default=1, metadata={"min": 1, "help": "Micro-batches per optimizer step."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    loss_chunk: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "Positions per chunk of vocabulary logits in the loss (0: automatic, 128 at vocab 32000).",
+        },
+    )
     init_std: float = field(
         default=0.02, metadata={"above": 0, "help": "Std of the normal initialisation of weights."}
     )
@@ -246,5 +253,11 @@ def run_pretrain(config: PretrainConfig, announce: Callable[[str], None] | None 
         callbacks = [run.callback] if run is not None else []
         train_config.resume = continues_checkpoint(out, config.resume)
         return train(
-            model, optimizer, next_token_loss, batches, train_config, val_batches, [*callbacks, SaveModel()]
+            model,
+            optimizer,
+            partial(next_token_loss, chunk=config.loss_chunk or None),
+            batches,
+            train_config,
+            val_batches,
+            [*callbacks, SaveModel()],
         )

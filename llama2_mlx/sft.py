@@ -39,6 +39,13 @@ class SFTConfig(FineTuneConfig):
             "help": "Continue training this LoRA adapter folder (its rank, alpha, targets and layers)."
         },
     )
+    loss_chunk: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "Positions per chunk of vocabulary logits in the loss (0: automatic, 128 at vocab 32000).",
+        },
+    )
 
 
 # Fields whose change makes a checkpoint mean something else: --resume refuses them (run_folder.claim_run_folder).
@@ -99,7 +106,8 @@ def run_sft(config: SFTConfig, announce: Callable[[str], None] | None = None):
         callbacks = [run.callback] if run is not None else []
         train_config.resume = continues_checkpoint(out, config.resume)
         callbacks += [AdapterWriter(model, out, lora, model_path)] if lora is not None else []
-        result = train(model, optimizer, next_token_loss, batches, train_config, val_batches, callbacks)
+        loss = partial(next_token_loss, chunk=config.loss_chunk or None)
+        result = train(model, optimizer, loss, batches, train_config, val_batches, callbacks)
         if config.full and world.rank() == 0:
             write_model_files(model, out, tokenizer_dir=model_path)
     return result, report

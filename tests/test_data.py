@@ -139,8 +139,10 @@ def test_unpacked_batches_sorted_by_length_and_padded():
     examples = [example(n) for n in (5, 40, 7, 33)]
     batcher = Batcher(examples, batch_size=2, seq_len=64, seed=0)
     batches = list(batcher.once())
-    tokens, mask = batches[0].inputs
-    assert tokens.shape == (2, 32) and batches[0].tokens == 12
+    tokens, mask, docs, positions = batches[0].inputs
+    assert tokens.shape == (2, 32) and batches[0].tokens == 12 and docs is None
+    # the loss positions: targets 1..4 of row 0 (flat 0..3) and 1..6 of row 1 (31..36), padded to 64 with -1
+    assert np.array(positions).tolist() == [0, 1, 2, 3, 31, 32, 33, 34, 35, 36] + [-1] * 54
     assert np.array(tokens)[0, :5].tolist() == list(range(10, 15)) and np.array(tokens)[0, 5:].sum() == 0
     assert np.array(mask)[0].tolist() == [False] + [True] * 4 + [False] * 27
     assert batches[1].inputs[0].shape == (2, 64)  # 33 and 40, padded to a multiple of 32
@@ -168,7 +170,7 @@ def test_packed_batch_has_document_ids():
         [example(3), example(4), example(5)], batch_size=1, seq_len=8, packing=True, seed=0, pad_to=8
     )
     rows = [b.inputs for b in batcher.once()]
-    assert all(len(inputs) == 3 for inputs in rows)
+    assert all(len(inputs) == 4 for inputs in rows)
     docs = [np.array(inputs[2])[0].tolist() for inputs in rows]
     lengths = sorted(tuple(d.count(i) for i in range(max(d) + 1)) for d in docs)
     assert sorted(sum(lengths, ())) == [3, 4, 5]

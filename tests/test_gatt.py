@@ -54,7 +54,7 @@ def test_gatt_data_cli_output_trains_with_sft_gatt(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert (
-        "sampling [####################] 1/1 answers\n" in result.stderr
+        "sampling [####################] 2/2 answers\n" in result.stderr
     )  # progress, one line a tenth when piped
     row = json.loads((tmp_path / "g.jsonl").read_text())
     assert row["messages"][0]["content"] in ("Act as Napoleon", "Figure: Napoleon")
