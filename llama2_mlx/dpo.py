@@ -69,13 +69,22 @@ class DPOConfig(FineTuneConfig):
 def answer_logprobs(model, tokens, answer_mask):
     """(sum of log p(token | prefix) over each row's answer tokens, number of answer tokens), both [rows].
 
-    `answer_mask` is aligned with `tokens` and marks the answer tokens (targets), as SFT's loss mask does.
+    `answer_mask` is aligned with `tokens` and marks the answer tokens (targets), as SFT's loss mask does. With a
+    frozen output projection (LoRA) the vocabulary logits exist one chunk of positions at a time
+    (`losses.token_logprobs`); a trainable one (`--full`) needs them whole for its gradient.
     """
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
-    logits = model(tokens[:, :-1])
-    picked = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    logp = picked - mx.logsumexp(logits, axis=-1)
+    from llama2_mlx.losses import token_logprobs
+
+    head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    if tree_flatten(head.trainable_parameters()):
+        logits = model(tokens[:, :-1])
+        picked = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        logp = picked - mx.logsumexp(logits, axis=-1)
+    else:
+        logp = token_logprobs(model, tokens)
     mask = answer_mask[:, 1:].astype(mx.float32)
     return (logp * mask).sum(-1), mask.sum(-1)
 
