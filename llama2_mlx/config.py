@@ -221,7 +221,7 @@ class _Reader:
 def _require(config: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
     if not isinstance(config, dict):
         raise Llama2MLXError(f"{source}: expected a JSON object, got {type(config).__name__}")
-    missing = [key for key in keys if key not in config]
+    missing = [key for key in keys if config.get(key) is None]  # null is as good as absent
     if missing:
         raise Llama2MLXError(f"{source}: missing required field(s) {', '.join(missing)}")
 

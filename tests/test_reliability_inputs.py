@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from llama2_mlx.cli import cli
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.data import Batcher, DataReport, EncodeOptions, Example
+from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model_folder import save_model
 from llama2_mlx.tokenizer import Tokenizer
 from tests.conftest import random_model, tiny_args
@@ -280,3 +281,13 @@ def test_12_non_utf8_checklist(tmp_path, tiny_model_dir):
     (tmp_path / "checklist.chk").write_bytes(b"\xff\xfe\n")
     with pytest.raises(Exception, match=r"checklist\.chk:1: not UTF-8 text"):
         verify_checklist(tmp_path)
+
+
+def test_null_required_config_field_is_named_not_a_type_error():
+    """A config.json with `"num_attention_heads": null` (found by the fuzz test under a newer Hypothesis).
+
+    Guards against: a null required field passing the presence check and failing later with a TypeError."""
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": None, "intermediate_size": 160,
+              "vocab_size": 384, "head_dim": 16}  # fmt: skip
+    with pytest.raises(Llama2MLXError, match="config.json: missing required field.* num_attention_heads"):
+        ModelArgs.from_hf_config(config, "config.json")
