@@ -112,7 +112,7 @@ class ModelArgs:
         get = _Reader(config, source)
         heads, hidden = get.int("num_attention_heads"), get.int("hidden_size")
         head_dim = get.int("head_dim")
-        if head_dim is not None and head_dim * heads != hidden:
+        if None not in (head_dim, heads, hidden) and head_dim * heads != hidden:  # a null is named below
             raise Llama2MLXError(f"{source}: head_dim {head_dim} x num_attention_heads != hidden_size")
         rope_parameters = config.get("rope_parameters") or {}
         if not isinstance(rope_parameters, dict):
@@ -221,7 +221,7 @@ class _Reader:
 def _require(config: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
     if not isinstance(config, dict):
         raise Llama2MLXError(f"{source}: expected a JSON object, got {type(config).__name__}")
-    missing = [key for key in keys if config.get(key) is None]  # null is as good as absent
+    missing = [key for key in keys if key not in config]
     if missing:
         raise Llama2MLXError(f"{source}: missing required field(s) {', '.join(missing)}")
 
