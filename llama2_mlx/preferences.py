@@ -21,6 +21,7 @@ import numpy as np
 
 from llama2_mlx.data import BatchStream, DataReport, load_rows
 from llama2_mlx.errors import Llama2MLXError
+from llama2_mlx.tokenizer import as_dialog
 from llama2_mlx.trainer import Batch
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -97,8 +98,7 @@ def encode_pair(row: Any, tokenizer, require_rating: bool = True) -> Pair:
     if require_rating and rating is None and margin is None:
         raise Llama2MLXError("needs a 'rating' or a numeric 'margin'")
     chosen, rejected = (encode_response(tokenizer, prompt, answer) for answer in answers)
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return Pair(chosen, rejected, rating, margin, len(tokenizer.encode_dialog(messages)))
+    return Pair(chosen, rejected, rating, margin, len(tokenizer.encode_dialog(as_dialog(prompt))))
 
 
 def load_pairs(

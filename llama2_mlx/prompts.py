@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2_mlx.errors import Llama2MLXError
-from llama2_mlx.tokenizer import Message
+from llama2_mlx.tokenizer import Message, as_dialog
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PromptRow:
     @property
     def messages(self) -> list[Message]:
         """The prompt as a chat (a string prompt is one user message, never a plain-text continuation)."""
-        return [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) else self.prompt
+        return as_dialog(self.prompt)
 
     def dialog(self, answer: str) -> list[Message]:
         return [*self.messages, {"role": "assistant", "content": answer}]

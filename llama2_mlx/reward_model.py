@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from llama2_mlx.config import ModelArgs
 from llama2_mlx.errors import Llama2MLXError
 from llama2_mlx.model import Mask, Transformer, TransformerBlock
-from llama2_mlx.tokenizer import Message, Tokenizer
+from llama2_mlx.tokenizer import Message, Tokenizer, as_dialog
 
 ARCHITECTURE = "LlamaForSequenceClassification"
 HEAD_FILE = "score.safetensors"
@@ -63,7 +63,7 @@ class RewardModel(nn.Module):
 def encode_response(tokenizer: Tokenizer, prompt: Prompt, answer: str) -> list[int]:
     """The tokens the reward model reads: `prompt` (a string, or a dialog ending with a user turn) in the Llama 2
     chat format, then `answer` and EOS: exactly the ids `sft` trains on for that dialog."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = as_dialog(prompt)
     if not isinstance(answer, str):
         raise Llama2MLXError(f"the answer must be a string, got {type(answer).__name__}")
     ids, _ = tokenizer.encode_dialog_with_mask([*messages, {"role": "assistant", "content": answer}])

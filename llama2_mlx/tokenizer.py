@@ -99,6 +99,11 @@ class Tokenizer:
         return ids, mask
 
 
+def as_dialog(prompt: str | Sequence[Message]) -> list[Message]:
+    """A chat prompt as messages: a string is one user message (never a plain-text continuation)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 def _finished_turn(user: str, answer: str) -> str:
     return f"{B_INST} {user.strip()} {E_INST} {answer.strip()} "
 
