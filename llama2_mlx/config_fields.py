@@ -46,7 +46,7 @@ def validate_fields(config: Any) -> None:
             raise Llama2MLXError(f"{name} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}")
         if kind is float and not math.isfinite(value):
             raise Llama2MLXError(f"{name} must be a finite number, got {value}")
-        meta = f.metadata
+        meta = _bounds(type(config), f.name)
         if "min" in meta and value < meta["min"]:
             raise Llama2MLXError(f"{name} must be at least {meta['min']}, got {value}")
         if "max" in meta and value > meta["max"]:
@@ -57,6 +57,17 @@ def validate_fields(config: Any) -> None:
             raise Llama2MLXError(
                 f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}"
             )
+
+
+def _bounds(cls: type, name: str) -> dict[str, Any]:
+    """A field's metadata merged down the class hierarchy: a job config that overrides a shared field's default
+    or help (e.g. train-rm's --batch-size) keeps the bounds the base class declared for it."""
+    merged: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None:
+            merged.update(declared.metadata)
+    return merged
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

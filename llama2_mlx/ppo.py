@@ -69,7 +69,10 @@ class PPOConfig(FineTuneConfig, RewardFlags):
     gamma: float = field(default=1.0, metadata={"help": "Discount of GAE."})
     lam: float = field(default=0.95, metadata={"help": "lambda of GAE."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass of the rollouts (1.0: off)."})
+    top_p: float = field(
+        default=1.0,
+        metadata={"above": 0, "max": 1, "help": "Nucleus sampling mass of the rollouts (1.0: off)."},
+    )
     max_tokens: int = field(default=64, metadata={"help": "Longest sampled answer."})
     report_every: int = field(default=1, metadata={"help": "Report (and write metrics.jsonl) every N steps."})
     warmup: int = field(default=0, metadata={"help": "Warmup steps (the paper's PPO LR is constant)."})

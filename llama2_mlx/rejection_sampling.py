@@ -57,7 +57,9 @@ class RejectionConfig(FineTuneConfig, RewardFlags):
             "help": "Sampling temperature, or several comma-separated (K samples at each; paper: 1.2-1.3)."
         },
     )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    top_p: float = field(
+        default=1.0, metadata={"above": 0, "max": 1, "help": "Nucleus sampling mass (1.0: off)."}
+    )
     max_tokens: int = field(default=128, metadata={"help": "Longest sampled answer."})
     pool: str = field(
         default="all",

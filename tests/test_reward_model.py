@@ -354,7 +354,11 @@ def test_train_rm_refuses_bad_input_before_writing(tmp_path, tiny_model_dir):
     result = train_rm(tmp_path, tiny_model_dir, out, "--iters", "2", data=bad)
     assert result.exit_code == 1 and f"{bad}:2: missing 'rejected'" in result.output
     assert not out.exists()
-    for flags, message in [(["--margin", "huge"], "huge"), (["--center-coef", "-1"], "center_coef")]:
+    # --batch-size and --lr override FineTuneConfig's defaults, not its bounds (config_fields merges them)
+    cases = [(["--margin", "huge"], "huge"), (["--center-coef", "-1"], "center_coef"),
+             (["--batch-size", "0"], "batch_size (--batch-size) must be at least 1"),
+             (["--lr", "-1"], "lr (--lr) must be greater than 0")]  # fmt: skip
+    for flags, message in cases:
         result = train_rm(tmp_path, tiny_model_dir, out, "--iters", "2", *flags)
         assert result.exit_code != 0 and message in result.output and not out.exists()
     chat = CliRunner().invoke(cli, ["score", str(tiny_model_dir), "--data", str(bad)])
