@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -61,6 +60,7 @@ def score(reward_model: Path | None, data: Path, out: Path | None, batch_size: i
     """Score --data with REWARD_MODEL (default: the shipped demo reward model): accuracy per rating bucket on
     preference pairs, or a reward for each prompt/response row written to --out."""
     from llama2_mlx.loading import demo_reward_model_path
+    from llama2_mlx.progress import Progress
     from llama2_mlx.reward_model import load_reward_model
     from llama2_mlx.scoring import is_pair_file, score_pairs, score_responses
 
@@ -70,13 +70,17 @@ def score(reward_model: Path | None, data: Path, out: Path | None, batch_size: i
     if not pairs and out is None:
         raise click.UsageError("prompt/response rows need --out FILE for the rows with their rewards")
     rm = load_reward_model(reward_model or demo_reward_model_path())
-    with click.progressbar(
-        length=_count_rows(data) * (2 if pairs else 1), label="scoring", file=sys.stderr
-    ) as bar:
+    total, done = _count_rows(data) * (2 if pairs else 1), [0]
+    with Progress("scoring", " answers") as progress:  # draws nothing before the first scored batch
+
+        def advance(count: int) -> None:
+            done[0] += count
+            progress.update(done[0], total)
+
         if pairs:
-            accuracy, report = score_pairs(rm, data, batch_size, skip_bad_lines, bar.update)
+            accuracy, report = score_pairs(rm, data, batch_size, skip_bad_lines, advance)
         else:
-            written, report = score_responses(rm, data, out, batch_size, skip_bad_lines, force, bar.update)
+            written, report = score_responses(rm, data, out, batch_size, skip_bad_lines, force, advance)
     if report.skipped or report.too_long:
         click.echo(f"data: {report.summary()}", err=True)
     if pairs:
