@@ -100,7 +100,10 @@ class PPOConfig(FineTuneConfig, RewardFlags):
 
 
 class ActorCritic(nn.Module):
-    """The policy and its value head: `model(tokens)` -> (float32 logits [B, L, vocab], values [B, L])."""
+    """The policy and its value head: `model(tokens)` -> (log p(tokens[:, t + 1] | tokens[:, :t + 1]), the value
+    at t), both float32 [B, L - 1], from one pass of the policy's hidden states. With a frozen output projection
+    (LoRA) the vocabulary logits exist one chunk of positions at a time (`losses.hidden_logprobs`); a trainable
+    one (`--full`) needs them whole for its gradient."""
 
     def __init__(self, policy: nn.Module):
         super().__init__()
@@ -109,13 +112,17 @@ class ActorCritic(nn.Module):
         self.value_head = nn.Linear(policy.args.dim, 1, bias=False)
         self.value_head.weight = mx.zeros((1, policy.args.dim))
 
-    def __call__(self, tokens: mx.array, mask=None) -> tuple[mx.array, mx.array]:
-        h = self.policy.model(tokens, mask)
-        if self.policy.args.tie_word_embeddings:
-            logits = self.policy.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.policy.lm_head(h)
-        return logits.astype(mx.float32), self.value_head(h)[..., 0].astype(mx.float32)
+    def __call__(self, tokens: mx.array, differentiable: bool = True) -> tuple[mx.array, mx.array]:
+        from mlx.utils import tree_flatten
+
+        from llama2_mlx.losses import hidden_logprobs
+
+        h = self.policy.model(tokens[:, :-1])
+        values = self.value_head(h)[..., 0].astype(mx.float32)
+        head = self.policy.model.embed_tokens if self.policy.args.tie_word_embeddings else self.policy.lm_head
+        if tree_flatten(head.trainable_parameters()):
+            return token_logprobs(self.policy.head(h), tokens[:, 1:]), values
+        return hidden_logprobs(self.policy, h, tokens[:, 1:], differentiable=differentiable), values
 
     @property
     def layers(self):
@@ -123,7 +130,7 @@ class ActorCritic(nn.Module):
 
 
 def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
-    """log p(target) per position: logits [B, L, V], targets [B, L] -> [B, L]."""
+    """log p(target) per position from whole logits: logits [B, L, V], targets [B, L] -> [B, L]."""
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - mx.logsumexp(logits, axis=-1)
 
@@ -159,8 +166,7 @@ def ppo_loss(model, tokens, mask, old_logp, advantages, returns, old_values, rew
 
     Inputs are aligned with targets (position j holds what concerns tokens[:, j + 1]). Also returns the metrics the
     progress bar and metrics.jsonl show: mean reward and KL per answer, value loss and clip fraction per token."""
-    logits, values = model(tokens[:, :-1])
-    logp = token_logprobs(logits, tokens[:, 1:])
+    logp, values = model(tokens)
     mask = mask.astype(mx.float32)
     ratio = mx.exp(logp - old_logp)
     policy_loss = -mx.minimum(ratio * advantages, mx.clip(ratio, 1 - clip, 1 + clip) * advantages)
@@ -282,11 +288,9 @@ class RolloutSource:
         for r, (prompt, answer) in enumerate(rows):
             tokens[r, : len(prompt) + len(answer)] = prompt + answer
             mask[r, len(prompt) - 1 : len(prompt) + len(answer) - 1] = True
-        inputs, targets = mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:])
-        logits, values = self.network(inputs)
-        old_logp = token_logprobs(logits, targets)
+        old_logp, values = self.network(mx.array(tokens), differentiable=False)
         with self.reference() as reference:
-            ref_logp = token_logprobs(reference(inputs), targets)
+            ref_logp = reference(mx.array(tokens))
         mx.eval(old_logp, values, ref_logp)
         old_logp, values, ref_logp = (np.array(a) for a in (old_logp, values, ref_logp))
         kl = (old_logp - ref_logp) * mask
@@ -375,12 +379,14 @@ def _frozen_reference(frozen: nn.Module):
 
 
 def _reference_call(reference: Callable) -> Callable:
-    """A context manager factory yielding a function tokens -> logits of the reference policy."""
+    """A context manager factory yielding a function tokens -> the reference policy's log-probs of each next token
+    [B, L - 1], one chunk of vocabulary logits at a time."""
+    from llama2_mlx.losses import token_logprobs as chunked_logprobs
 
     @contextmanager
     def enter():
         with reference() as model:
-            yield lambda inputs: model(inputs).astype(mx.float32)
+            yield lambda tokens: chunked_logprobs(model, tokens, differentiable=False)
 
     return enter
 

@@ -182,3 +182,20 @@ def test_dpo_cli_trains_an_adapter_and_reports_reward_accuracy(tmp_path):
     assert answer.exit_code == 0
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "use --resume" in again.output
+
+
+def test_actor_critic_chunked_logprobs_equal_whole_logits(tiny_model_dir):
+    """PPO's policy log-probs come one chunk of vocabulary logits at a time (LoRA: frozen head); they equal the
+    log-softmax of the whole logits, and the values come from the same hidden states."""
+    from llama2_mlx.ppo import ActorCritic, token_logprobs
+
+    policy, _ = load(tiny_model_dir)
+    apply_lora(policy, LoRAConfig(rank=4))
+    network = ActorCritic(policy)
+    network.value_head.weight = mx.ones_like(network.value_head.weight) * 0.1
+    tokens = mx.array([[1, 5, 9, 20, 30, 2, 7], [1, 8, 8, 3, 40, 41, 2]])
+    logp, values = network(tokens)
+    whole = token_logprobs(policy(tokens[:, :-1]), tokens[:, 1:])
+    assert logp.shape == values.shape == (2, 6)
+    assert np.allclose(logp, whole, atol=1e-5)
+    assert np.allclose(values, 0.1 * policy.model(tokens[:, :-1]).sum(-1), atol=1e-4)
