@@ -68,22 +68,22 @@ SIZES: dict[str, DemoSize] = {
         40,
     ),
     "quick": DemoSize(
-        "corpus=8000,corpus_valid=200,train=3000,valid=100,preferences=3000,preferences_valid=200,"
-        "prompts=64,heldout=100",
+        "corpus=6000,corpus_valid=200,train=3000,valid=100,preferences=2000,preferences_valid=200,"
+        "prompts=48,heldout=60",
         512,
         {"dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32},
         256,
         1,
-        300,
-        100,
-        64,
+        160,
+        60,
+        48,
         4,
-        20,
-        64,
-        40,
-        40,
-        100,
-    ),  # fmt: skip
+        16,
+        48,
+        30,
+        30,
+        60,
+    ),
     "full": DemoSize(
         "corpus=40000",
         512,
