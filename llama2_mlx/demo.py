@@ -214,7 +214,10 @@ def stage_pretrain(demo: Demo) -> None:
         save_every=100_000, seed=demo.seed, progress=False,
     ), announce=demo.say)  # fmt: skip
     report = demo.evaluate(demo.path("pretrained"))
-    demo.section("pretrain", f"pretrained from random weights\n\n{_accuracy_table({'pretrained': report})}")
+    curves = _loss_curves(demo, "pretrained", "pretrain_loss.png")
+    demo.section(
+        "pretrain", f"pretrained from random weights\n\n{_accuracy_table({'pretrained': report})}{curves}"
+    )
 
 
 def stage_sft(demo: Demo) -> None:
@@ -234,7 +237,8 @@ def stage_sft(demo: Demo) -> None:
         better, measure = losses["sft"] < losses["pretrained"], "held-out answer loss (accuracies are equal)"
     verdict = f"SFT {'beats' if better else 'does NOT beat'} the pretrained model on {measure}"
     loss_line = ", ".join(f"{name} {loss:.3f}" for name, loss in losses.items())
-    demo.section("sft", f"supervised fine-tuning (masked, packed): {verdict}\n\n{_accuracy_table(reports)}\n\n"
+    curves = _loss_curves(demo, "sft", "sft_loss.png")
+    demo.section("sft", f"supervised fine-tuning (masked, packed): {verdict}\n\n{_accuracy_table(reports)}{curves}\n\n"
                         f"Answer loss on held-out dialogs: {loss_line}")  # fmt: skip
 
 
@@ -297,7 +301,7 @@ def stage_rejection(demo: Demo) -> None:
     demo.section("rejection", f"rejection sampling, 2 iterations: {verdict}\n\n" + "\n".join(rows) +
                  "\n\nHeld-out mean reward (RM large): " + ", ".join(f"{k} {v:.3f}" for k, v in held.items()) +
                  f"\n\n{_accuracy_table({'sft': sft_report, 'rejection sampling': rs_report})}\n\n"
-                 "Figure 7: rejection/iter-1/figure7.png, rejection/iter-2/figure7.png")  # fmt: skip
+                 f"Figure 7: {', '.join(_figure7_copies(demo, len(result.summaries)))}")  # fmt: skip
 
 
 def statistics_mean(summary: dict[str, Any]) -> float:
@@ -366,8 +370,8 @@ def stage_dpo(demo: Demo) -> None:
 
 
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("world", "tokenizer", "params.json", "pretrained"), "sft": ("sft",),
-    "reward": ("rm-none", "rm-large"), "rejection": ("rejection",), "gatt": ("gatt", "gatt-data.jsonl", "adherence.png"),
+    "pretrain": ("world", "tokenizer", "params.json", "pretrained", "pretrain_loss.png"), "sft": ("sft", "sft_loss.png"),
+    "reward": ("rm-none", "rm-large"), "rejection": ("rejection", "figure7_iter1.png", "figure7_iter2.png"), "gatt": ("gatt", "gatt-data.jsonl", "adherence.png"),
     "dpo": ("dpo",),
 }  # fmt: skip
 STAGE_FUNCTIONS: dict[str, Callable[[Demo], None]] = {
@@ -403,6 +407,28 @@ def _accuracy_table(reports: dict[str, Any]) -> str:
         cells = [f"{report.skills[s].rate:.3f}" if s in report.skills else "-" for s in skills]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {report.overall.rate:.3f} |")
     return "\n".join(lines)
+
+
+def _loss_curves(demo: Demo, run: str, name: str) -> str:
+    """DIR/`name`: the loss curves of a stage's run folder (matplotlib is optional: without it, no PNG)."""
+    from llama2_mlx.plot import plot_run
+
+    try:
+        plot_run(demo.path(run), demo.path(name))
+    except Llama2MLXError as error:  # no matplotlib, or no loss records
+        return f"\n\n(no loss curves: {error})"
+    return f"\n\nLoss curves: {name}"
+
+
+def _figure7_copies(demo: Demo, iterations: int) -> list[str]:
+    """The best-of-N plots of each rejection-sampling iteration, copied beside report.md."""
+    names = []
+    for n in range(1, iterations + 1):
+        source = demo.path("rejection", f"iter-{n}", "figure7.png")
+        if source.is_file():
+            shutil.copyfile(source, demo.path(f"figure7_iter{n}.png"))
+            names.append(f"figure7_iter{n}.png")
+    return names
 
 
 def _plot_adherence(path: Path, turns: list[int], without, with_gatt) -> None:

@@ -20,6 +20,14 @@ def test_tiny_demo_runs_every_stage_and_sft_beats_pretraining(tmp_path):
     assert "| margin | " in report and "| none |" in report and "| large |" in report
     assert "| iteration | mean T=0.8 | max T=0.8 | mean T=1.2 | max T=1.2 | selected |" in report
     assert "| without GAtt |" in report and "| with GAtt |" in report
+    for png in (
+        "pretrain_loss.png",
+        "sft_loss.png",
+        "figure7_iter1.png",
+        "figure7_iter2.png",
+        "adherence.png",
+    ):
+        assert (out / png).is_file(), png
     for folder in ("pretrained", "sft", "rm-none", "rm-large", "rejection/iter-2/adapter", "gatt", "dpo"):
         assert (out / folder).is_dir(), folder
     # every stage's output is an ordinary folder the other commands take
