@@ -74,3 +74,34 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
             np.testing.assert_allclose(
                 np.array(trained[name]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=name
             )
+
+
+def test_train_rm_on_two_processes_equals_one(tmp_path, tiny_model_dir):
+    """`mlx.launch -n 2 llama2-mlx train-rm ...` trains the reward model one process trains on the same global
+    batches (each rank scores its half of the pairs; the loss sums and pair counts are all-reduced)."""
+    rows = [{"prompt": f"what is {i} plus {i + 1}", "chosen": f"the answer is {2 * i + 1}",
+             "rejected": "dog" if i % 2 else f"the answer is {2 * i}", "rating": "better" if i % 2 else "slightly_better"}
+            for i in range(16)]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def args(out):
+        return ["cli.py", "train-rm", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--iters", "3",
+                "--batch-size", "4", "--lr", "1e-2", "--seq-len", "128", "--no-progress"]  # fmt: skip
+
+    port = str(random.Random(os.getpid() + 1).randint(20000, 40000))
+    run = subprocess.run([launcher(), "-n", "2", "--starting-port", port, "--", sys.executable, *args(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert (tmp_path / "two" / "score.safetensors").is_file(), run.stdout + run.stderr
+    one = subprocess.run([sys.executable, *args(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    for name in ("score.safetensors", "adapters.safetensors"):
+        single, double = mx.load(str(tmp_path / "one" / name)), mx.load(str(tmp_path / "two" / name))
+        assert sorted(single) == sorted(double)
+        for key, value in single.items():
+            np.testing.assert_allclose(
+                np.array(double[key]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=key
+            )
+    state = json.loads((tmp_path / "two" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
