@@ -74,12 +74,10 @@ def answer_logprobs(model, tokens, answer_mask):
     (`losses.token_logprobs`); a trainable one (`--full`) needs them whole for its gradient.
     """
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
-    from llama2_mlx.losses import token_logprobs
+    from llama2_mlx.losses import head_is_trainable, token_logprobs
 
-    head = model.model.embed_tokens if model.args.tie_word_embeddings else model.lm_head
-    if tree_flatten(head.trainable_parameters()):
+    if head_is_trainable(model):
         logits = model(tokens[:, :-1])
         picked = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
         logp = picked - mx.logsumexp(logits, axis=-1)

@@ -102,7 +102,7 @@ def hidden_logprobs(
     if not differentiable:
         logprobs, _, _ = _chunked_logprobs(model, hidden, targets, None, chunk, head_grads=False)
         return logprobs.reshape(batch, length)
-    if tree_flatten(_head_module(model).trainable_parameters()):
+    if head_is_trainable(model):
         raise Llama2MLXError(
             "token_logprobs: the output projection is trainable; freeze it (LoRA) or use next_token_loss"
         )
@@ -110,6 +110,12 @@ def hidden_logprobs(
     logprobs, d_hidden, _ = _chunked_logprobs(model, hidden, targets, ones, chunk, head_grads=False)
     logprobs = logprobs + ((hidden - mx.stop_gradient(hidden)) * d_hidden).sum(-1)
     return logprobs.reshape(batch, length)
+
+
+def head_is_trainable(model: nn.Module) -> bool:
+    """Whether the output projection trains (full fine-tuning): then its gradient needs whole logits, and the
+    chunked log-probs above cannot be used."""
+    return bool(tree_flatten(_head_module(model).trainable_parameters()))
 
 
 def _head_module(model: nn.Module) -> nn.Module:

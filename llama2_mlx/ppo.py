@@ -113,14 +113,11 @@ class ActorCritic(nn.Module):
         self.value_head.weight = mx.zeros((1, policy.args.dim))
 
     def __call__(self, tokens: mx.array, differentiable: bool = True) -> tuple[mx.array, mx.array]:
-        from mlx.utils import tree_flatten
-
-        from llama2_mlx.losses import hidden_logprobs
+        from llama2_mlx.losses import head_is_trainable, hidden_logprobs
 
         h = self.policy.model(tokens[:, :-1])
         values = self.value_head(h)[..., 0].astype(mx.float32)
-        head = self.policy.model.embed_tokens if self.policy.args.tie_word_embeddings else self.policy.lm_head
-        if tree_flatten(head.trainable_parameters()):
+        if head_is_trainable(self.policy):
             return token_logprobs(self.policy.head(h), tokens[:, 1:]), values
         return hidden_logprobs(self.policy, h, tokens[:, 1:], differentiable=differentiable), values
 
