@@ -3,6 +3,9 @@
 Loss per pair, with h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)) over the
 answer tokens: "sigmoid" -log(sigmoid(beta * h - m)) (Rafailov et al.; m is an optional rating margin as in the
 reward model, off by default), or "ipo" (h - 1/(2 beta))^2 on per-token mean log-probabilities (Azar et al., as TRL).
+`--nll-coef` adds that weight times the chosen answer's mean negative log-likelihood per token (Llama 3 trained DPO
+with 0.2 of it; TRL's rpo_alpha): DPO alone can lower the chosen answer's likelihood along with the rejected one's,
+and the SFT term holds the policy to the chosen answers while it learns the preference.
 
 The reference is the starting policy (the base, or base + --adapter), and it is fixed: its log-probabilities are
 computed once, before training, by the very network that is then trained. So no second model is ever held, not
@@ -38,6 +41,10 @@ class DPOConfig(FineTuneConfig):
         default=0.1, metadata={"help": "Strength of the pull towards the reference (DPO's beta)."}
     )
     loss: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo.", "choices": list(LOSSES)})
+    nll_coef: float = field(
+        default=0.0,
+        metadata={"help": "Add this weight times the chosen answer's per-token NLL (Llama 3: 0.2; TRL: rpo_alpha)."},
+    )
     margin: str = field(
         default="off",
         metadata={"help": "Subtract a margin from beta * h: the rows' ratings by the reward model's scale (small, "
@@ -60,6 +67,8 @@ class DPOConfig(FineTuneConfig):
         super().__post_init__()
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise Llama2MLXError(f"beta must be a positive number, got {self.beta}")
+        if not (math.isfinite(self.nll_coef) and self.nll_coef >= 0):
+            raise Llama2MLXError(f"nll-coef must be a number >= 0, got {self.nll_coef}")
         if self.margin not in ("off", "small", "large"):
             raise Llama2MLXError(f"margin must be off, small or large, got {self.margin!r}")
         if self.loss not in LOSSES:
@@ -87,23 +96,28 @@ def answer_logprobs(model, tokens, answer_mask):
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def dpo_loss(model, tokens, margin, answer_mask, reference, beta: float = 0.1, loss: str = "sigmoid"):
+def dpo_loss(
+    model, tokens, margin, answer_mask, reference, beta: float = 0.1, loss: str = "sigmoid", nll_coef: float = 0.0
+):
     """The trainer's (sum, weight) contract: summed per-pair losses and the number of pairs."""
     import mlx.core as mx
     import mlx.nn as nn
 
     n = margin.shape[0]
-    h = _log_ratio_gap(model, tokens, answer_mask, reference, loss)
+    sums, counts = answer_logprobs(model, tokens, answer_mask)
+    h = _log_ratio_gap(sums, counts, reference, loss)
     if loss == "ipo":
         losses = mx.square(h - 1 / (2 * beta))
     else:
         losses = -nn.log_sigmoid(beta * h - margin)
+    if nll_coef:
+        losses = losses - nll_coef * sums[:n] / counts[:n]
     return losses.sum(), mx.array(n, dtype=mx.float32)
 
 
-def _log_ratio_gap(model, tokens, answer_mask, reference, loss: str):
-    """h per pair: the policy-over-reference log-ratio of chosen minus that of rejected (IPO: per-token means)."""
-    sums, counts = answer_logprobs(model, tokens, answer_mask)
+def _log_ratio_gap(sums, counts, reference, loss: str):
+    """h per pair: the policy-over-reference log-ratio of chosen minus that of rejected (IPO: per-token means), from
+    the rows' summed answer log-probabilities and answer lengths (chosen rows first)."""
     ratio = sums - reference
     if loss == "ipo":
         ratio = ratio / counts
@@ -158,7 +172,7 @@ def preference_metrics(model, batcher: DPOBatcher, beta: float, loss: str) -> di
     gaps = []
     for batch in batcher.once():
         tokens, _, mask, reference = batch.inputs
-        gaps += (beta * _log_ratio_gap(model, tokens, mask, reference, loss)).tolist()
+        gaps += (beta * _log_ratio_gap(*answer_logprobs(model, tokens, mask), reference, loss)).tolist()
     return {"val_accuracy": sum(g > 0 for g in gaps) / len(gaps), "val_reward_margin": sum(gaps) / len(gaps)}
 
 
@@ -218,7 +232,7 @@ def run_dpo(config: DPOConfig, announce: Callable[[str], None] | None = None):
         train_config.resume = continues_checkpoint(out, config.resume)
         callbacks = [run.callback] if run is not None else []
         callbacks += [AdapterWriter(model, out, lora, model_path)] if lora is not None else []
-        loss = partial(dpo_loss, beta=config.beta, loss=config.loss)
+        loss = partial(dpo_loss, beta=config.beta, loss=config.loss, nll_coef=config.nll_coef)
         result = train(model, optimizer, loss, batches, train_config, val_batches, callbacks, val_metrics)
         if config.full and world.rank() == 0:
             write_model_files(model, out, tokenizer_dir=model_path)

@@ -67,6 +67,9 @@ def test_dpo_loss_matches_hand_computation(tiny_model_dir, frozen_head):
     sigmoid = sum(-math.log(1 / (1 + math.exp(-(beta * h[i] - m)))) for i, m in enumerate([0.0, 0.5]))
     total, weight = dpo_loss(model, *args, beta=beta, loss="sigmoid")
     assert weight.item() == 2 and total.item() == pytest.approx(sigmoid, rel=1e-4)
+    nll = -sum(sums[i] / counts[i] for i in (0, 1))  # the chosen rows' mean NLL per token (--nll-coef)
+    total, _ = dpo_loss(model, *args, beta=beta, loss="sigmoid", nll_coef=0.2)
+    assert total.item() == pytest.approx(sigmoid + 0.2 * nll, rel=1e-4)
     ratio = [(sums[r] - reference[r]) / counts[r] for r in range(4)]
     ipo = sum((ratio[i] - ratio[i + 2] - 1 / (2 * beta)) ** 2 for i in (0, 1))
     total, _ = dpo_loss(model, *args, beta=beta, loss="ipo")

@@ -33,6 +33,48 @@ def world(out: Path, seed: int, sizes: str, examples: bool, force: bool) -> None
         click.echo(f"{out / name}: {count} lines")
 
 
+@click.command("annotate")
+@click.argument("samples", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--prompts",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The world prompts file the samples answer (`world` writes prompts.jsonl, with each prompt's check).",
+)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Preference pairs .jsonl.")
+@click.option(
+    "--pairs-per-prompt", default=2, show_default=True, type=click.IntRange(min=1), help="Most pairs per prompt."
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the pairing.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+def annotate(samples: tuple[Path, ...], prompts: Path, out: Path, pairs_per_prompt: int, seed: int,
+             force: bool) -> None:  # fmt: skip
+    """Judge sampled answers (rejection-sample's samples.jsonl) with the world's checks and write preference pairs
+    of a right answer over a wrong one to the same prompt: the paper's annotators, for the policy's own mistakes."""
+    import json
+
+    from llama2_mlx.destination import atomic_file
+    from llama2_mlx.world.annotate import annotate as pair_up
+    from llama2_mlx.world.annotate import read_samples, read_world_prompts
+
+    rows = read_world_prompts(prompts)
+    answers: dict[int, list[str]] = {}
+    for path in samples:
+        for index, texts in read_samples(path, rows).items():
+            answers.setdefault(index, []).extend(texts)
+    pairs, undecided = pair_up(rows, answers, pairs_per_prompt, seed)
+    if not pairs:
+        raise click.ClickException(
+            f"no pairs: the answers to each of the {len(answers)} prompts were all right or all wrong"
+        )
+    with atomic_file(out, force=force, inputs=[prompts, *samples]) as tmp:
+        tmp.write_text("".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
+    click.echo(
+        f"{out}: {len(pairs)} pairs from {len(answers) - undecided} prompts "
+        f"({undecided} of {len(answers)} had answers all right or all wrong)"
+    )
+
+
 @click.command("train-tokenizer")
 @click.option(
     "--corpus", required=True, type=click.Path(path_type=Path), help="Text file, one sentence a line."
@@ -158,4 +200,4 @@ def demo(out: Path, quick: bool, size: str | None, from_stage: str | None, seed:
     click.echo(f"done: the report is {report}")
 
 
-COMMANDS: list[click.Command] = [world, train_tokenizer, eval_command, demo]
+COMMANDS: list[click.Command] = [world, annotate, train_tokenizer, eval_command, demo]

@@ -28,9 +28,14 @@ def text_record(dialog: Dialog) -> dict[str, Any]:
 
 
 def prompt_record(dialog: Dialog) -> dict[str, Any]:
-    """A prompt to answer (rejection sampling): the dialog up to its last user message."""
+    """A prompt to answer (rejection sampling, PPO): the dialog up to its last user message, with the last
+    question's `check` data and the dialog's `style` (sampling ignores both; `annotate` judges answers by them)."""
     messages = dialog.messages()[:-1]
-    return {"prompt": messages[0]["content"]} if len(messages) == 1 else {"messages": messages}
+    record: dict[str, Any] = {"prompt": messages[0]["content"]} if len(messages) == 1 else {"messages": messages}
+    record["check"] = dialog.tasks[-1].check
+    if dialog.style is not None:
+        record["style"] = dialog.style
+    return record
 
 
 def heldout_record(dialog: Dialog) -> dict[str, Any]:
