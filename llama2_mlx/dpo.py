@@ -43,7 +43,9 @@ class DPOConfig(FineTuneConfig):
     loss: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo.", "choices": list(LOSSES)})
     nll_coef: float = field(
         default=0.0,
-        metadata={"help": "Add this weight times the chosen answer's per-token NLL (Llama 3: 0.2; TRL: rpo_alpha)."},
+        metadata={
+            "help": "Add this weight times the chosen answer's per-token NLL (Llama 3: 0.2; TRL: rpo_alpha)."
+        },
     )
     margin: str = field(
         default="off",
@@ -97,7 +99,14 @@ def answer_logprobs(model, tokens, answer_mask):
 
 
 def dpo_loss(
-    model, tokens, margin, answer_mask, reference, beta: float = 0.1, loss: str = "sigmoid", nll_coef: float = 0.0
+    model,
+    tokens,
+    margin,
+    answer_mask,
+    reference,
+    beta: float = 0.1,
+    loss: str = "sigmoid",
+    nll_coef: float = 0.0,
 ):
     """The trainer's (sum, weight) contract: summed per-pair losses and the number of pairs."""
     import mlx.core as mx

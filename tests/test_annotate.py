@@ -15,7 +15,10 @@ from llama2_mlx.world.annotate import annotate, read_samples, read_world_prompts
 
 SUM = {"prompt": "What is 12 + 7?", "check": {"type": "arithmetic", "expected": 19}}
 STYLED = {
-    "messages": [{"role": "system", "content": "Capitals only."}, {"role": "user", "content": "Sort 9, 2, 5."}],
+    "messages": [
+        {"role": "system", "content": "Capitals only."},
+        {"role": "user", "content": "Sort 9, 2, 5."},
+    ],
     "check": {"type": "sort", "expected": [2, 5, 9]},
     "style": "capitals",
 }
@@ -57,7 +60,9 @@ def test_pairs_put_a_right_answer_over_a_wrong_one(tmp_path):
     )  # fmt: skip
     assert by_prompt["Sort 9, 2, 5."][0]["messages"] == STYLED["messages"]
     # the style counts below the content: right + styled > right > wrong + styled > wrong
-    grades = [prompts[1].grade(a) for a in ("2, 5, 9.", "2, 9, 5.", "2, 5, 9. ANYTHING ELSE?".upper(), "2, 9, 5!")]
+    grades = [
+        prompts[1].grade(a) for a in ("2, 5, 9.", "2, 9, 5.", "2, 5, 9. ANYTHING ELSE?".upper(), "2, 9, 5!")
+    ]
     assert grades == [2, 0, 3, 0]
 
 

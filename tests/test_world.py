@@ -189,7 +189,12 @@ def test_files_follow_the_design_formats(tmp_path, tokenizer_dir):
             tok.encode_dialog(row["messages"])  # ends with the user's turn
         assert row["chosen"] != row["rejected"]
     for row in rows("prompts.jsonl"):
-        assert list(row)[0] in ("prompt", "messages") and row["check"]["type"] in {"arithmetic", "count", "sort", "lookup"}
+        assert list(row)[0] in ("prompt", "messages") and row["check"]["type"] in {
+            "arithmetic",
+            "count",
+            "sort",
+            "lookup",
+        }
         assert set(row) - {"prompt", "messages"} <= {"check", "style"}
         assert ("style" in row) <= (row.get("messages", [{}])[0].get("role") == "system")
     for row in rows("heldout.jsonl"):

@@ -43,7 +43,11 @@ def world(out: Path, seed: int, sizes: str, examples: bool, force: bool) -> None
 )
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Preference pairs .jsonl.")
 @click.option(
-    "--pairs-per-prompt", default=2, show_default=True, type=click.IntRange(min=1), help="Most pairs per prompt."
+    "--pairs-per-prompt",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most pairs per prompt.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the pairing.")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")

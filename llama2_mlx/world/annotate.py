@@ -68,7 +68,9 @@ def read_samples(path: Path, prompts: Sequence[JudgedPrompt]) -> dict[int, list[
     for where, row in jsonl_records(path, "no such samples file"):
         index = row.get("prompt_index") if isinstance(row, dict) else None
         if not isinstance(index, int) or not 0 <= index < len(prompts):
-            raise Llama2MLXError(f"{where}: 'prompt_index' must be a line number of the prompts file (from 0)")
+            raise Llama2MLXError(
+                f"{where}: 'prompt_index' must be a line number of the prompts file (from 0)"
+            )
         if not isinstance(row.get("answer"), str):
             raise Llama2MLXError(f"{where}: 'answer' must be a string")
         if {key: row.get(key) for key in prompts[index].head} != prompts[index].head:

@@ -31,7 +31,9 @@ def prompt_record(dialog: Dialog) -> dict[str, Any]:
     """A prompt to answer (rejection sampling, PPO): the dialog up to its last user message, with the last
     question's `check` data and the dialog's `style` (sampling ignores both; `annotate` judges answers by them)."""
     messages = dialog.messages()[:-1]
-    record: dict[str, Any] = {"prompt": messages[0]["content"]} if len(messages) == 1 else {"messages": messages}
+    record: dict[str, Any] = (
+        {"prompt": messages[0]["content"]} if len(messages) == 1 else {"messages": messages}
+    )
     record["check"] = dialog.tasks[-1].check
     if dialog.style is not None:
         record["style"] = dialog.style
