@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The RLHF stages on the shipped demo model, measured: rejection sampling (2 iterations), PPO and DPO, each scored
 # with `llama2-mlx eval` (held-out task accuracy) and by the held-out reward model (weights/demo-rm) on the held-out
-# prompts. Writes $BUILD/results.md (the tables in README "RLHF on the demo model").
-#   examples/rlhf_on_demo.sh            # about 30 minutes on 2 shared CPU cores with OpenBLAS
+# prompts. Writes $BUILD/results.md (the tables in README "RLHF on the demo model"), with how often the reward model's
+# pick among the SFT model's 8 samples is right (the world's checks judge them, as `annotate` does).
+#   examples/rlhf_on_demo.sh            # about 20 minutes on 2 idle CPU cores with OpenBLAS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-runs/rlhf-demo}
@@ -11,7 +12,8 @@ if [[ "$(uname)" == Linux && -z "${LD_PRELOAD:-}" && -f /usr/lib/x86_64-linux-gn
     export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0
 fi
 rm -rf "$BUILD"; mkdir -p "$BUILD"
-$L2 world --out "$BUILD/world" --sizes corpus=10,corpus_valid=10,train=10,valid=10,prompts=200 >/dev/null
+$L2 world --out "$BUILD/world" --sizes corpus=10,corpus_valid=10,train=10,valid=10,prompts=1280 >/dev/null
+head -n 200 "$BUILD/world/prompts.jsonl" > "$BUILD/rs_prompts.jsonl"  # rejection sampling: 200 x K=8; PPO: all
 # the held-out prompts of `eval` (first turns) as prompt/response rows for `score`
 python - "$BUILD" <<'PY'
 import json, sys
@@ -21,13 +23,15 @@ with open(f"{build}/heldout_prompts.jsonl", "w") as f:
     for row in rows:
         f.write(json.dumps({"messages": row["messages"]}) + "\n")
 PY
-$L2 rejection-sample --prompts "$BUILD/world/prompts.jsonl" --out "$BUILD/rs" --k 8 --iterations 2 \
+$L2 rejection-sample --prompts "$BUILD/rs_prompts.jsonl" --out "$BUILD/rs" --k 8 --iterations 2 \
     --temperature 1.0 --max-tokens 48 --iters 40 --batch-size 32 --lr 5e-4 --rank 16 --seq-len 256 --no-progress
-$L2 ppo --prompts "$BUILD/world/prompts.jsonl" --out "$BUILD/ppo" --iters 20 --batch-size 32 --minibatch-size 8 \
-    --max-tokens 48 --lr 2e-4 --rank 16 --no-progress
+$L2 ppo --prompts "$BUILD/world/prompts.jsonl" --out "$BUILD/ppo" --iters 40 --batch-size 32 --minibatch-size 8 \
+    --max-tokens 48 --lr 5e-4 --kl-coef 0.05 --rank 16 --no-progress
 $L2 dpo --data "$BUILD/world/preferences" --out "$BUILD/dpo" --iters 60 --batch-size 32 --lr 5e-4 --rank 16 \
     --seq-len 256 --no-progress
-for name in sft rs ppo dpo; do
+$L2 dpo --data "$BUILD/world/preferences" --out "$BUILD/dpo-nll" --iters 60 --batch-size 32 --lr 5e-4 --rank 16 \
+    --seq-len 256 --nll-coef 1.0 --no-progress
+for name in sft rs ppo dpo dpo-nll; do
     case $name in
         sft) adapter=() ;;
         rs) adapter=(--adapter "$BUILD/rs/iter-2/adapter") ;;
@@ -49,15 +53,37 @@ done
 python - "$BUILD" <<'PY'
 import json, sys
 build = sys.argv[1]
-names = {"sft": "SFT (weights/demo)", "rs": "+ rejection sampling, 2 iterations", "ppo": "+ PPO", "dpo": "+ DPO"}
+from llama2_mlx.world.annotate import read_world_prompts
+from pathlib import Path
+names = {"sft": "SFT (weights/demo)", "rs": "+ rejection sampling, 2 iterations", "ppo": "+ PPO", "dpo": "+ DPO",
+         "dpo-nll": "+ DPO with --nll-coef 1.0"}
 lines = ["| model | held-out task accuracy | held-out mean reward (demo RM) |", "|---|---|---|"]
 for key, label in names.items():
     accuracy = json.load(open(f"{build}/eval_{key}.json"))["task_accuracy_overall"]["accuracy"]
     reward = json.load(open(f"{build}/reward_{key}.json"))["mean_reward"]
     lines.append(f"| {label} | {accuracy:.3f} | {reward:+.3f} |")
 ppo = [json.loads(l) for l in open(f"{build}/ppo/metrics.jsonl") if '"kl"' in l]
-lines.append(f"\nPPO: mean rollout reward {ppo[0]['reward']:+.3f} (first step) -> {ppo[-1]['reward']:+.3f} (last), "
-             f"KL to the reference {ppo[-1]['kl']:.4f} per answer.")
+quarter = max(1, len(ppo) // 4)  # each rollout's prompts differ, so single steps are noisy
+first, last = ppo[:quarter], ppo[-quarter:]
+lines.append(f"\nPPO: mean rollout reward {sum(r['reward'] for r in first) / quarter:+.3f} (first quarter of the "
+             f"steps) -> {sum(r['reward'] for r in last) / quarter:+.3f} (last quarter), KL to the reference "
+             f"{sum(r['kl'] for r in last) / quarter:.4f} per answer (last quarter).")
+# How often the reward model's pick among the SFT model's K samples (rejection sampling's first iteration) is right
+prompts = read_world_prompts(Path(f"{build}/rs_prompts.jsonl"))
+samples = [json.loads(l) for l in open(f"{build}/rs/iter-1/samples.jsonl")]
+rewards = {}
+for row in samples:
+    rewards.setdefault(row["prompt_index"], []).append((row["reward"], row["answer"]))
+tally = {}
+for index, scored in rewards.items():
+    right = [prompts[index].grade(answer) >= 2 for _, answer in scored]
+    pick = max(range(len(scored)), key=lambda i: scored[i][0])
+    t = tally.setdefault(prompts[index].check["type"], [0, 0.0, 0, 0])
+    t[0] += 1; t[1] += sum(right) / len(right); t[2] += right[pick]; t[3] += any(right)
+lines += ["", "Right answers among the SFT model's 8 samples per training prompt (the world's checks judge them):", "",
+          "| question | prompts | a random sample | the reward model's pick | the best sample |", "|---|---|---|---|---|"]
+for kind, (n, mean, pick, best) in sorted(tally.items()):
+    lines.append(f"| {kind} | {n} | {mean / n:.3f} | {pick / n:.3f} | {best / n:.3f} |")
 open(f"{build}/results.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

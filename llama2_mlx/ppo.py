@@ -10,6 +10,8 @@ Each rollout samples one answer per prompt with the current policy (the batched 
 R = WHITEN(LOGIT(Rc)) at the last token minus kl_coef * (log pi - log pi_0) at every token (our reward models
 output the logit already). GAE gives advantages; the loss is the clipped objective plus a clipped value loss,
 optimised in minibatches by the shared training loop, which sees a rollout as `ppo_epochs` x minibatches steps.
+With `--ptx-data`, each step also adds the next-token loss of a minibatch of SFT examples (InstructGPT's PPO-ptx),
+which holds the policy to what SFT taught while it chases the reward model.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ class PPOConfig(FineTuneConfig, RewardFlags):
     max_tokens: int = field(default=64, metadata={"help": "Longest sampled answer."})
     report_every: int = field(default=1, metadata={"help": "Report (and write metrics.jsonl) every N steps."})
     warmup: int = field(default=0, metadata={"help": "Warmup steps (the paper's PPO LR is constant)."})
+    ptx_data: str | None = field(
+        default=None,
+        metadata={"help": "SFT-format .jsonl whose next-token loss joins every step (InstructGPT's PPO-ptx), so "
+                          "PPO does not unlearn what SFT taught."},
+    )  # fmt: skip
+    ptx_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the --ptx-data loss per token, beside the PPO loss per token."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,7 +98,7 @@ class PPOConfig(FineTuneConfig, RewardFlags):
             raise Llama2MLXError(
                 f"batch_size {self.batch_size} is not divisible by minibatch_size {self.minibatch_size}"
             )
-        for name in ("kl_coef", "clip", "value_clip", "vf_coef", "gamma", "lam", "temperature"):
+        for name in ("kl_coef", "clip", "value_clip", "vf_coef", "gamma", "lam", "temperature", "ptx_coef"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise Llama2MLXError(f"{name} must be a finite number >= 0, got {value}")
@@ -157,12 +168,14 @@ def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> tu
     return advantages, advantages + values
 
 
-def ppo_loss(model, tokens, mask, old_logp, advantages, returns, old_values, reward, kl,
-             clip: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1):  # fmt: skip
+def ppo_loss(model, tokens, mask, old_logp, advantages, returns, old_values, reward, kl, *ptx,
+             clip: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1, ptx_coef: float = 1.0):  # fmt: skip
     """The clipped objective plus vf_coef * the clipped value loss, summed over answer tokens (weight: their count).
 
-    Inputs are aligned with targets (position j holds what concerns tokens[:, j + 1]). Also returns the metrics the
-    progress bar and metrics.jsonl show: mean reward and KL per answer, value loss and clip fraction per token."""
+    Inputs are aligned with targets (position j holds what concerns tokens[:, j + 1]). `ptx`, when given, is an SFT
+    batch (`data.Batcher`'s inputs): ptx_coef times its mean next-token loss is added per answer token. Also
+    returns the metrics the progress bar and metrics.jsonl show: mean reward and KL per answer, value loss and clip
+    fraction per token (and the SFT loss per token)."""
     logp, values = model(tokens)
     mask = mask.astype(mx.float32)
     ratio = mx.exp(logp - old_logp)
@@ -177,7 +190,14 @@ def ppo_loss(model, tokens, mask, old_logp, advantages, returns, old_values, rew
         "value_loss": ((value_loss * mask).sum(), tokens_count),
         "clip_fraction": (((mx.abs(ratio - 1) > clip) * mask).sum(), tokens_count),
     }
-    return ((policy_loss + vf_coef * value_loss) * mask).sum(), tokens_count, metrics
+    total = ((policy_loss + vf_coef * value_loss) * mask).sum()
+    if ptx:
+        from llama2_mlx.losses import next_token_loss
+
+        ptx_total, ptx_tokens = next_token_loss(model.policy, *ptx)
+        total = total + ptx_coef * tokens_count * ptx_total / ptx_tokens
+        metrics["ptx_loss"] = (ptx_total, ptx_tokens)
+    return total, tokens_count, metrics
 
 
 @contextmanager
@@ -201,20 +221,24 @@ def reference_policy(policy: nn.Module, starting_adapter: dict[str, mx.array] | 
 class RolloutSource:
     """The trainer's batch source for PPO: minibatches of rollouts, each rollout sampled by the current policy when
     the previous one is used up. Step s belongs to rollout s // steps_per_rollout; the rollout in use is saved to
-    `out/rollout.safetensors`, so a run resumed inside it continues with the same data."""
+    `out/rollout.safetensors`, so a run resumed inside it continues with the same data. With `ptx` (a stream of
+    SFT batches) step s also carries the stream's batch s."""
 
     def __init__(self, network: ActorCritic, tokenizer, prompts, rewards, config: PPOConfig, reference: Callable,
-                 out: Path | None = None, say: Callable[[str], None] = print):  # fmt: skip
+                 out: Path | None = None, say: Callable[[str], None] = print,
+                 ptx: Callable[[int], Iterator[Batch]] | None = None):  # fmt: skip
         self.network, self.tokenizer, self.prompts, self.rewards = network, tokenizer, prompts, rewards
-        self.config, self.reference, self.out, self.say = config, reference, out, say
+        self.config, self.reference, self.out, self.say, self.ptx = config, reference, out, say, ptx
 
     def __call__(self, start: int = 0) -> Iterator[Batch]:
         rollout, offset = divmod(start, self.config.steps_per_rollout)
+        ptx = self.ptx(start) if self.ptx is not None else None
         while True:
             buffer = self._saved(rollout) if offset else self.collect(rollout)
             for step, rows in enumerate(self._minibatches(rollout, buffer["tokens"].shape[0])):
                 if step >= offset:
-                    yield self._batch(buffer, rows)
+                    batch = self._batch(buffer, rows)
+                    yield batch if ptx is None else Batch(batch.inputs + next(ptx).inputs, batch.tokens)
             rollout, offset = rollout + 1, 0
 
     def _minibatches(self, rollout: int, n_rows: int) -> list[np.ndarray]:
@@ -331,6 +355,7 @@ def run_ppo(config: PPOConfig, announce: Callable[[str], None] | None = None):
     policy, tokenizer = load(model_path)
     prompts = read_prompts(Path(config.data), tokenizer, policy.args.max_seq_len, config.max_tokens,
                            config.skip_bad_lines)  # fmt: skip
+    ptx = _ptx_batches(config, tokenizer, policy.args.max_seq_len) if config.ptx_data else None
     rewards = reward_source(config, model_path, policy, tokenizer, prompts, say)
     lora = make_trainable(policy, config, model_path, config.adapter)
     if lora is None:
@@ -351,7 +376,9 @@ def run_ppo(config: PPOConfig, announce: Callable[[str], None] | None = None):
     optimizer = make_optimizer(
         OptimizerConfig.from_job(config, lr=lr, min_lr_fraction=1.0), train_config.iters
     )
-    source = RolloutSource(network, tokenizer, prompts, rewards, config, _reference_call(reference), out, say)
+    source = RolloutSource(
+        network, tokenizer, prompts, rewards, config, _reference_call(reference), out, say, ptx
+    )
 
     class SaveValueHead(Callback):
         def on_checkpoint(self, step: int, folder: Path) -> None:
@@ -359,15 +386,27 @@ def run_ppo(config: PPOConfig, announce: Callable[[str], None] | None = None):
 
     with claim_job_folder(config, "ppo", model_path, meaning_fields(config, {"score_batch"})) as run:
         say(f"prompts: {len(prompts)}; {config.iters} rollouts of {config.batch_size} prompts, "
-            f"{config.steps_per_rollout} optimizer steps each ({train_config.iters} steps)")  # fmt: skip
+            f"{config.steps_per_rollout} optimizer steps each ({train_config.iters} steps)"
+            + (f"; SFT loss of {len(ptx.examples)} examples from {config.ptx_data} (ptx)" if ptx else ""))  # fmt: skip
         train_config.resume = continues_checkpoint(out, config.resume)
         callbacks = [run.callback, SaveValueHead()]
         callbacks += [AdapterWriter(policy, out, lora, model_path)] if lora is not None else []
-        loss = partial(ppo_loss, clip=config.clip, value_clip=config.value_clip, vf_coef=config.vf_coef)
+        loss = partial(ppo_loss, clip=config.clip, value_clip=config.value_clip, vf_coef=config.vf_coef,
+                       ptx_coef=config.ptx_coef)  # fmt: skip
         result = train(network, optimizer, loss, source, train_config, None, callbacks)
         if config.full:
             write_model_files(policy, out, tokenizer_dir=model_path)
     return result
+
+
+def _ptx_batches(config: PPOConfig, tokenizer, seq_len: int):
+    """The SFT batches of --ptx-data, `minibatch_size` examples each, masked and shuffled as sft does."""
+    from llama2_mlx.data import Batcher, DataReport, EncodeOptions, read_examples
+
+    examples = read_examples(
+        Path(config.ptx_data), tokenizer, EncodeOptions(), DataReport(), config.skip_bad_lines
+    )
+    return Batcher(examples, config.minibatch_size, seq_len, seed=config.seed)
 
 
 @contextmanager

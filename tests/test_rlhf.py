@@ -18,7 +18,7 @@ from llama2_mlx.cli import cli
 from llama2_mlx.dpo import answer_logprobs, dpo_loss
 from llama2_mlx.loading import demo_model_path, load
 from llama2_mlx.lora import LoRAConfig, adapters_disabled, apply_lora, lora_parameters
-from llama2_mlx.ppo import gae, logit, whiten
+from llama2_mlx.ppo import ActorCritic, gae, logit, ppo_loss, whiten
 from llama2_mlx.trainer import MetricsFile
 from llama2_mlx.world.skills import draw_task
 from tests.conftest import arithmetic_prompts
@@ -92,6 +92,41 @@ def test_reference_with_the_adapter_off_is_the_base_model(tiny_model_dir):
     assert not np.allclose(policy(tokens), base(tokens), atol=1e-3)  # and is back on afterwards
 
 
+def test_ppo_ptx_adds_the_sft_loss_per_answer_token(tiny_model_dir):
+    """PPO-ptx: the loss with an SFT batch is the PPO loss plus coef * answer tokens * the batch's mean next-token
+    loss, computed here by hand from the logits."""
+    network = ActorCritic(load(tiny_model_dir)[0])
+    rng = np.random.default_rng(0)
+    tokens = mx.array([[1, 20, 30, 40, 2], [1, 40, 5, 21, 2]])
+    mask = mx.array([[0, 1, 1, 1], [0, 0, 1, 0]], dtype=mx.bool_)
+    old_logp, advantages, returns, old_values = (
+        mx.array(rng.normal(size=(2, 4)), dtype=mx.float32) for _ in range(4)
+    )
+    rollout = (
+        tokens,
+        mask,
+        old_logp,
+        advantages,
+        returns,
+        old_values,
+        mx.array([0.5, 1.0]),
+        mx.array([0.0, 0.1]),
+    )
+    sft_tokens = np.array([[1, 33, 12, 7, 2, 0], [1, 8, 9, 2, 0, 0]])
+    sft_mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]], bool)
+    positions = np.flatnonzero(sft_mask[:, 1:]).astype(np.int32)
+    ptx = (mx.array(sft_tokens), mx.array(sft_mask), None, mx.array(positions))
+    logits = np.array(network.policy(mx.array(sft_tokens[:, :-1])))
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = [-log_softmax[r, t - 1, sft_tokens[r, t]] for r in range(2) for t in range(1, 6) if sft_mask[r, t]]
+    plain, count, _ = ppo_loss(network, *rollout)
+    total, count_ptx, metrics = ppo_loss(network, *rollout, *ptx, ptx_coef=0.5)
+    assert count.item() == count_ptx.item() == 4
+    assert total.item() == pytest.approx(plain.item() + 0.5 * 4 * np.mean(nll), rel=1e-4)
+    ptx_sum, ptx_tokens = metrics["ptx_loss"]
+    assert ptx_tokens.item() == len(nll) and ptx_sum.item() == pytest.approx(sum(nll), rel=1e-4)
+
+
 def ppo(prompts: Path, out: Path, *extra: str):
     args = ["ppo", str(demo_model_path()), "--prompts", str(prompts), "--out", str(out),
             "--reward-fn", "llama2_mlx.world.verifier:reward", "--batch-size", "8", "--minibatch-size", "4",
@@ -137,8 +172,12 @@ def test_ppo_from_an_sft_adapter_has_zero_kl_to_it(tmp_path):
 
 
 def test_ppo_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Also with PPO-ptx: the SFT batches continue where they stopped."""
     prompts = arithmetic_prompts(tmp_path / "p.jsonl", 8, seed=7)
-    flags = ("--iters", "2", "--ppo-epochs", "2")  # 4 steps per rollout
+    sft_data = tmp_path / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "completion": f"{i} + 2 = {i + 2}."})
+                                + "\n" for i in range(12)))  # fmt: skip
+    flags = ("--iters", "2", "--ppo-epochs", "2", "--ptx-data", str(sft_data))  # 4 steps per rollout
     straight = tmp_path / "straight"
     assert ppo(prompts, straight, *flags).exit_code == 0
     split = tmp_path / "split"
@@ -157,6 +196,9 @@ def test_ppo_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatc
     resumed = ppo(prompts, split, *flags, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [r["loss"] for r in records(straight)] == [r["loss"] for r in records(split)]
+    assert (
+        len({r["ptx_loss"] for r in records(straight)}) == 8
+    )  # a different SFT batch (or model) at each step
     a, b = mx.load(str(straight / "adapters.safetensors")), mx.load(str(split / "adapters.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
