@@ -12,7 +12,7 @@ if [[ "$(uname)" == Linux && -z "${LD_PRELOAD:-}" && -f /usr/lib/x86_64-linux-gn
     export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0
 fi
 rm -rf "$BUILD"; mkdir -p "$BUILD"
-$L2 world --out "$BUILD/world" --sizes corpus=10,corpus_valid=10,train=10,valid=10,prompts=1280 >/dev/null
+$L2 world --out "$BUILD/world" --sizes corpus=10,corpus_valid=10,valid=10,prompts=1280 >/dev/null
 head -n 200 "$BUILD/world/prompts.jsonl" > "$BUILD/rs_prompts.jsonl"  # rejection sampling: 200 x K=8; PPO: all
 # the held-out prompts of `eval` (first turns) as prompt/response rows for `score`
 python - "$BUILD" <<'PY'
@@ -27,11 +27,13 @@ $L2 rejection-sample --prompts "$BUILD/rs_prompts.jsonl" --out "$BUILD/rs" --k 8
     --temperature 1.0 --max-tokens 48 --iters 40 --batch-size 32 --lr 5e-4 --rank 16 --seq-len 256 --no-progress
 $L2 ppo --prompts "$BUILD/world/prompts.jsonl" --out "$BUILD/ppo" --iters 40 --batch-size 32 --minibatch-size 8 \
     --max-tokens 48 --lr 5e-4 --kl-coef 0.05 --rank 16 --no-progress
+$L2 ppo --prompts "$BUILD/world/prompts.jsonl" --out "$BUILD/ppo-ptx" --iters 40 --batch-size 32 --minibatch-size 8 \
+    --max-tokens 48 --lr 5e-4 --kl-coef 0.05 --rank 16 --ptx-data "$BUILD/world/sft/train.jsonl" --no-progress
 $L2 dpo --data "$BUILD/world/preferences" --out "$BUILD/dpo" --iters 60 --batch-size 32 --lr 5e-4 --rank 16 \
     --seq-len 256 --no-progress
 $L2 dpo --data "$BUILD/world/preferences" --out "$BUILD/dpo-nll" --iters 60 --batch-size 32 --lr 5e-4 --rank 16 \
     --seq-len 256 --nll-coef 1.0 --no-progress
-for name in sft rs ppo dpo dpo-nll; do
+for name in sft rs ppo ppo-ptx dpo dpo-nll; do
     case $name in
         sft) adapter=() ;;
         rs) adapter=(--adapter "$BUILD/rs/iter-2/adapter") ;;
@@ -55,19 +57,22 @@ import json, sys
 build = sys.argv[1]
 from llama2_mlx.world.annotate import read_world_prompts
 from pathlib import Path
-names = {"sft": "SFT (weights/demo)", "rs": "+ rejection sampling, 2 iterations", "ppo": "+ PPO", "dpo": "+ DPO",
+names = {"sft": "SFT (weights/demo)", "rs": "+ rejection sampling, 2 iterations", "ppo": "+ PPO",
+         "ppo-ptx": "+ PPO with --ptx-data (the world's SFT dialogs)", "dpo": "+ DPO",
          "dpo-nll": "+ DPO with --nll-coef 1.0"}
 lines = ["| model | held-out task accuracy | held-out mean reward (demo RM) |", "|---|---|---|"]
 for key, label in names.items():
     accuracy = json.load(open(f"{build}/eval_{key}.json"))["task_accuracy_overall"]["accuracy"]
     reward = json.load(open(f"{build}/reward_{key}.json"))["mean_reward"]
     lines.append(f"| {label} | {accuracy:.3f} | {reward:+.3f} |")
-ppo = [json.loads(l) for l in open(f"{build}/ppo/metrics.jsonl") if '"kl"' in l]
-quarter = max(1, len(ppo) // 4)  # each rollout's prompts differ, so single steps are noisy
-first, last = ppo[:quarter], ppo[-quarter:]
-lines.append(f"\nPPO: mean rollout reward {sum(r['reward'] for r in first) / quarter:+.3f} (first quarter of the "
-             f"steps) -> {sum(r['reward'] for r in last) / quarter:+.3f} (last quarter), KL to the reference "
-             f"{sum(r['kl'] for r in last) / quarter:.4f} per answer (last quarter).")
+lines.append("")
+for run in ("ppo", "ppo-ptx"):
+    steps = [json.loads(l) for l in open(f"{build}/{run}/metrics.jsonl") if '"kl"' in l]
+    quarter = max(1, len(steps) // 4)  # each rollout's prompts differ, so single steps are noisy
+    first, last = steps[:quarter], steps[-quarter:]
+    lines.append(f"{run}: mean rollout reward {sum(r['reward'] for r in first) / quarter:+.3f} (first quarter of "
+                 f"the steps) -> {sum(r['reward'] for r in last) / quarter:+.3f} (last quarter), KL to the "
+                 f"reference {sum(r['kl'] for r in last) / quarter:.4f} per answer (last quarter).  ")
 # How often the reward model's pick among the SFT model's K samples (rejection sampling's first iteration) is right
 prompts = read_world_prompts(Path(f"{build}/rs_prompts.jsonl"))
 samples = [json.loads(l) for l in open(f"{build}/rs/iter-1/samples.jsonl")]

@@ -428,12 +428,15 @@ def _reference_call(reference: Callable) -> Callable:
 
 
 def summary(history: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """First and last reported mean reward and KL of a run (for the CLI's closing line)."""
+    """Mean reward of the first and the last quarter of the reported steps, and the last quarter's KL (for the CLI's
+    closing line): each rollout has other prompts, so a single step's reward says little."""
     reports = [r for r in history if "reward" in r]
     if not reports:
         return {}
+    quarter = max(1, len(reports) // 4)
+    first, last = reports[:quarter], reports[-quarter:]
     return {
-        "first_reward": reports[0]["reward"],
-        "last_reward": reports[-1]["reward"],
-        "last_kl": reports[-1]["kl"],
+        "first_reward": sum(r["reward"] for r in first) / quarter,
+        "last_reward": sum(r["reward"] for r in last) / quarter,
+        "last_kl": sum(r["kl"] for r in last) / quarter,
     }

@@ -80,8 +80,8 @@ def ppo(ctx: click.Context, model: str | None, config_file: Path | None, **_: ob
     result = run_ppo(config, announce=announce)
     numbers = summary(result.history)
     if numbers:
-        click.echo(f"mean reward {numbers['first_reward']:+.4f} (first step) -> {numbers['last_reward']:+.4f} (last), "
-                   f"KL {numbers['last_kl']:.4f}")  # fmt: skip
+        click.echo(f"mean reward {numbers['first_reward']:+.4f} (first quarter of the steps) -> "
+                   f"{numbers['last_reward']:+.4f} (last quarter), KL {numbers['last_kl']:.4f}")  # fmt: skip
     finish_training(result, Path(config.out), "the model folder" if config.full else "the policy adapter")
 
 
