@@ -55,6 +55,7 @@ done
 python - "$BUILD" <<'PY'
 import json, sys
 build = sys.argv[1]
+from llama2_mlx.ppo import summary
 from llama2_mlx.world.annotate import read_world_prompts
 from pathlib import Path
 names = {"sft": "SFT (weights/demo)", "rs": "+ rejection sampling, 2 iterations", "ppo": "+ PPO",
@@ -66,13 +67,11 @@ for key, label in names.items():
     reward = json.load(open(f"{build}/reward_{key}.json"))["mean_reward"]
     lines.append(f"| {label} | {accuracy:.3f} | {reward:+.3f} |")
 lines.append("")
-for run in ("ppo", "ppo-ptx"):
-    steps = [json.loads(l) for l in open(f"{build}/{run}/metrics.jsonl") if '"kl"' in l]
-    quarter = max(1, len(steps) // 4)  # each rollout's prompts differ, so single steps are noisy
-    first, last = steps[:quarter], steps[-quarter:]
-    lines.append(f"{run}: mean rollout reward {sum(r['reward'] for r in first) / quarter:+.3f} (first quarter of "
-                 f"the steps) -> {sum(r['reward'] for r in last) / quarter:+.3f} (last quarter), KL to the "
-                 f"reference {sum(r['kl'] for r in last) / quarter:.4f} per answer (last quarter).  ")
+for run in ("ppo", "ppo-ptx"):  # each rollout's prompts differ, so the means over a quarter of the steps
+    ppo = summary([json.loads(l) for l in open(f"{build}/{run}/metrics.jsonl")])
+    lines.append(f"{run}: mean rollout reward {ppo['first_reward']:+.3f} (first quarter of the steps) -> "
+                 f"{ppo['last_reward']:+.3f} (last quarter), KL to the reference {ppo['last_kl']:.4f} per answer "
+                 "(last quarter).  ")
 # How often the reward model's pick among the SFT model's K samples (rejection sampling's first iteration) is right
 prompts = read_world_prompts(Path(f"{build}/rs_prompts.jsonl"))
 samples = [json.loads(l) for l in open(f"{build}/rs/iter-1/samples.jsonl")]

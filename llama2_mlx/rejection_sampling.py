@@ -49,8 +49,10 @@ class RejectionConfig(FineTuneConfig, RewardFlags):
             "help": "Distillation: fine-tune this model on the selected answers; sampling stays with MODEL."
         },
     )
-    k: int = field(default=8, metadata={"help": "Samples per prompt (per temperature) in each iteration."})
-    iterations: int = field(default=2, metadata={"help": "Rejection-sampling iterations."})
+    k: int = field(
+        default=8, metadata={"min": 1, "help": "Samples per prompt (per temperature) in each iteration."}
+    )
+    iterations: int = field(default=2, metadata={"min": 1, "help": "Rejection-sampling iterations."})
     temperature: str = field(
         default="1.0",
         metadata={
@@ -60,23 +62,18 @@ class RejectionConfig(FineTuneConfig, RewardFlags):
     top_p: float = field(
         default=1.0, metadata={"above": 0, "max": 1, "help": "Nucleus sampling mass (1.0: off)."}
     )
-    max_tokens: int = field(default=128, metadata={"help": "Longest sampled answer."})
+    max_tokens: int = field(default=128, metadata={"min": 1, "help": "Longest sampled answer."})
     pool: str = field(
         default="all",
         metadata={"help": "Select the best answer among the samples of all iterations so far, or the latest only.",
                   "choices": ["all", "latest"]},
     )  # fmt: skip
-    sample_batch: int = field(default=16, metadata={"help": "Prompts sampled together (x K rows)."})
+    sample_batch: int = field(default=16, metadata={"min": 1, "help": "Prompts sampled together (x K rows)."})
     pack: bool = field(default=False, metadata={"help": "Pack the selected examples into --seq-len rows."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _ = self.temperatures  # parsed here so a bad list fails before anything runs
-        for name in ("k", "iterations", "max_tokens", "sample_batch"):
-            if getattr(self, name) < 1:
-                raise Llama2MLXError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pool not in ("all", "latest"):
-            raise Llama2MLXError(f"pool must be 'all' or 'latest', got {self.pool!r}")
         self.check_rewards()
 
     @property

@@ -156,7 +156,7 @@ def test_bad_input_fails_before_sampling(tmp_path):
     cases.append((["--prompts", str(tmp_path / "bad.jsonl")], f"{tmp_path / 'bad.jsonl'}:2:"))
     (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1? " * 200}) + "\n")
     cases.append((["--prompts", str(tmp_path / "long.jsonl")], "fit in the context"))
-    cases.append((["--prompts", str(good), "--k", "0"], "k must be >= 1"))
+    cases.append((["--prompts", str(good), "--k", "0"], "k (--k) must be at least 1, got 0"))
     cases.append((["--prompts", str(good), "--temperature", "0.5,x"], "temperature must be numbers"))
     (tmp_path / "not_float.py").write_text("def reward(prompt, answer):\n    return 'high'\n")
     cases.append((["--prompts", str(good), "--reward-fn", "not_float:reward"], "not a finite float"))
