@@ -15,7 +15,9 @@ projections and the same AdamW, every step through the shared loop's compiled st
   (`ppo.RolloutSource`), as `llama2-mlx ppo` runs it. A LoRA reward model on the same base is resident throughout,
   sharing the base weights through `reward_model.BaseCache` as `rewards.reward_source` sets it up; the reference is
   the policy with its adapters switched off. The rollout (sampling, scoring, old/ref log-probs and values) is timed
-  and its peak memory measured separately from the update steps.
+  and its peak memory measured separately from the update steps;
+* ppo-ptx: the same with `--ptx-data` (InstructGPT's PPO-ptx): every update also takes the next-token loss of an SFT
+  minibatch of `--rows` rows of the same width, as `llama2-mlx ppo --ptx-data` adds one to each step.
 
 All three train on rows of the same width (the PPO rollout's: chat-formatted prompt + answer), so the activations
 are the same size. Peak memory is `mx.get_peak_memory()` after `mx.reset_peak_memory()`; seconds per step are the
@@ -54,7 +56,7 @@ from llama2_mlx.tokenizer import Tokenizer  # noqa: E402
 from llama2_mlx.tokenizer_training import train_tokenizer  # noqa: E402
 from llama2_mlx.trainer import Batch, TrainConfig, train  # noqa: E402
 
-KINDS = ("sft", "sft-logsumexp", "dpo", "ppo")
+KINDS = ("sft", "sft-logsumexp", "dpo", "ppo", "ppo-ptx")
 
 
 def build_folder(root: Path, opts: argparse.Namespace) -> Path:
@@ -168,7 +170,7 @@ def child_dpo(folder: Path, opts: argparse.Namespace) -> dict[str, float]:
     return timed_train(model, dpo_loss, repeat(batch), opts.steps + 1)
 
 
-def child_ppo(folder: Path, opts: argparse.Namespace) -> dict[str, float]:
+def child_ppo(folder: Path, opts: argparse.Namespace, ptx: bool = False) -> dict[str, float]:
     from llama2_mlx.lora import adapters_disabled
     from llama2_mlx.ppo import ActorCritic, PPOConfig, RolloutSource, _reference_call, ppo_loss
     from llama2_mlx.reward_model import BaseCache, RewardScorer, reward_model_from_chat
@@ -200,7 +202,13 @@ def child_ppo(folder: Path, opts: argparse.Namespace) -> dict[str, float]:
         return call
 
     generation.generate_batch_ids = timed("sampling", generation.generate_batch_ids)  # looked up by collect()
-    source = RolloutSource(network, tokenizer, prompts, timed("scoring", rewards), config, reference)
+    sft_batches = None
+    if ptx:  # an SFT minibatch beside every PPO minibatch, as `ppo --ptx-data` feeds `RolloutSource`
+        tokens, answer = synthetic_rows(opts, tokenizer)
+        sft_batches = repeat(Batch((mx.array(tokens), mx.array(answer)), int(tokens.size)))
+    source = RolloutSource(
+        network, tokenizer, prompts, timed("scoring", rewards), config, reference, ptx=sft_batches
+    )
     measured = {}
 
     def rollout_then_updates(start: int = 0):
@@ -230,6 +238,7 @@ def child(kind: str, folder: Path, opts: argparse.Namespace) -> None:
         "sft-logsumexp": partial(child_sft, loss=logsumexp_token_loss),
         "dpo": child_dpo,
         "ppo": child_ppo,
+        "ppo-ptx": partial(child_ppo, ptx=True),
     }[kind]
     result = runner(folder, opts)
     model = load(folder)[0]
@@ -286,13 +295,14 @@ def main() -> None:
 
 def report(results: dict[str, dict[str, float]]) -> None:
     gb = 1e9
-    sft, lse, dpo, ppo = (results[k] for k in KINDS)
+    sft, lse, dpo, ppo, ppo_ptx = (results[k] for k in KINDS)
     weights = sft["weights"]
     print(f"\nbase weights: {weights / gb:.3f} GB")
     print("\n| step | peak memory GB | vs sft | vs sft (logsumexp) | seconds/step | vs sft |")
     print("|---|---|---|---|---|---|")
     rows = (("sft (LoRA, `next_token_loss`)", sft), ("sft (LoRA, loss as logsumexp - picked logit)", lse),
-            ("dpo (LoRA, reference precomputed)", dpo), ("ppo update (LoRA policy + value head, RM resident)", ppo))  # fmt: skip
+            ("dpo (LoRA, reference precomputed)", dpo), ("ppo update (LoRA policy + value head, RM resident)", ppo),
+            ("ppo update with --ptx-data (+ an SFT minibatch of the same rows)", ppo_ptx))  # fmt: skip
     for name, r in rows:
         print(f"| {name} | {r['peak'] / gb:.3f} | {r['peak'] / sft['peak']:.2f}x | {r['peak'] / lse['peak']:.2f}x | "
               f"{r['step_seconds']:.2f} | {r['step_seconds'] / sft['step_seconds']:.2f}x |")  # fmt: skip
@@ -303,7 +313,7 @@ def report(results: dict[str, dict[str, float]]) -> None:
           f"{ppo['rollout_peak'] / sft['peak']:.2f}x | {ppo['rollout_peak'] / lse['peak']:.2f}x | {rollout:.2f} | "
           f"{rollout / sft['step_seconds']:.2f}x |")  # fmt: skip
     print()
-    for name, r, target in (("PPO", ppo, 1.5), ("DPO", dpo, 1.3)):
+    for name, r, target in (("PPO", ppo, 1.5), ("PPO-ptx", ppo_ptx, 1.5), ("DPO", dpo, 1.3)):
         ratio, like = r["peak"] / sft["peak"], r["peak"] / lse["peak"]
         print(f"{name}/sft peak {ratio:.2f}x ({like:.2f}x vs the logsumexp sft step); target <= {target}x: "
               f"{'met' if max(ratio, like) <= target else 'missed'}")  # fmt: skip
