@@ -19,7 +19,7 @@ projections and the same AdamW, every step through the shared loop's compiled st
 * ppo-ptx: the same with `--ptx-data` (InstructGPT's PPO-ptx): every update also takes the next-token loss of an SFT
   minibatch of `--rows` rows of the same width, as `llama2-mlx ppo --ptx-data` adds one to each step.
 
-All three train on rows of the same width (the PPO rollout's: chat-formatted prompt + answer), so the activations
+All of them train on rows of the same width (the PPO rollout's: chat-formatted prompt + answer), so the activations
 are the same size. Peak memory is `mx.get_peak_memory()` after `mx.reset_peak_memory()`; seconds per step are the
 median of the trainer's per-step times after the first (compiling) step.
 """
@@ -127,6 +127,12 @@ def synthetic_rows(opts: argparse.Namespace, tokenizer: Tokenizer) -> tuple[np.n
     return tokens, answer
 
 
+def sft_batch(opts: argparse.Namespace, tokenizer: Tokenizer) -> Batch:
+    """The synthetic rows as an SFT batch (tokens, loss mask on the answer), as sft and PPO-ptx train on them."""
+    tokens, answer = synthetic_rows(opts, tokenizer)
+    return Batch((mx.array(tokens), mx.array(answer)), int(tokens.size))
+
+
 def repeat(batch: Batch):
     def source(start: int = 0):
         while True:
@@ -140,9 +146,7 @@ def child_sft(folder: Path, opts: argparse.Namespace, loss=None) -> dict[str, fl
 
     model, tokenizer = load(folder)
     apply_lora(model, lora_config(opts))
-    tokens, answer = synthetic_rows(opts, tokenizer)
-    batch = Batch((mx.array(tokens), mx.array(answer)), int(tokens.size))
-    return timed_train(model, loss or next_token_loss, repeat(batch), opts.steps + 1)
+    return timed_train(model, loss or next_token_loss, repeat(sft_batch(opts, tokenizer)), opts.steps + 1)
 
 
 def logsumexp_token_loss(model, tokens, loss_mask):
@@ -202,10 +206,8 @@ def child_ppo(folder: Path, opts: argparse.Namespace, ptx: bool = False) -> dict
         return call
 
     generation.generate_batch_ids = timed("sampling", generation.generate_batch_ids)  # looked up by collect()
-    sft_batches = None
-    if ptx:  # an SFT minibatch beside every PPO minibatch, as `ppo --ptx-data` feeds `RolloutSource`
-        tokens, answer = synthetic_rows(opts, tokenizer)
-        sft_batches = repeat(Batch((mx.array(tokens), mx.array(answer)), int(tokens.size)))
+    # with ptx, an SFT minibatch beside every PPO minibatch, as `ppo --ptx-data` feeds `RolloutSource`
+    sft_batches = repeat(sft_batch(opts, tokenizer)) if ptx else None
     source = RolloutSource(
         network, tokenizer, prompts, timed("scoring", rewards), config, reference, ptx=sft_batches
     )

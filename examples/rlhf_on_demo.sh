@@ -85,10 +85,9 @@ for index, scored in rewards.items():
     pick = max(range(len(scored)), key=lambda i: scored[i][0])
     t = tally.setdefault(prompts[index].check["type"], [0, 0.0, 0, 0, 0, 0])
     t[0] += 1; t[1] += sum(right) / len(right); t[2] += right[pick]; t[3] += any(right)
-    for (good, _), ok in zip(scored, right):  # every right sample against every wrong one to the same prompt
-        for (bad, _), wrong in zip(scored, right):
-            if ok and not wrong:
-                t[4] += good > bad; t[5] += 1
+    good = [reward for (reward, _), ok in zip(scored, right) if ok]  # every right sample against every wrong one
+    bad = [reward for (reward, _), ok in zip(scored, right) if not ok]
+    t[4] += sum(g > b for g in good for b in bad); t[5] += len(good) * len(bad)
 lines += ["", "Right answers among the SFT model's 8 samples per training prompt (the world's checks judge them), and",
           "how often the reward model scores a right sample above a wrong one to the same prompt:", "",
           "| question | prompts | a random sample | the reward model's pick | the best sample | right above wrong |",

@@ -84,8 +84,8 @@ def annotate(
     prompts: Sequence[JudgedPrompt], answers: dict[int, list[str]], pairs_per_prompt: int, seed: int = 0
 ) -> tuple[list[dict[str, Any]], int]:
     """Preference rows (train-rm's format) pairing better-graded answers with worse ones to the same prompt, at
-    most `pairs_per_prompt` per prompt, each answer text used once per prompt (empty answers never); and the number of prompts whose
-    answers all graded the same (they teach a reward model nothing)."""
+    most `pairs_per_prompt` per prompt, each answer text used once per prompt (empty answers never); and the number
+    of prompts whose answers all graded the same (they teach a reward model nothing)."""
     rng = random.Random(seed)
     rows, undecided = [], 0
     for index in sorted(answers):
