@@ -80,6 +80,9 @@ def make_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[str]:
     def encoded_length(text: str) -> int:
         return len(tokenizer.encode_dialog([{"role": "user", "content": text}]))
 
+    shortest = min(encoded_length(word) for word in set(words))
+    if shortest > length:  # the chat template alone is longer: no prompt could ever land exactly
+        raise SystemExit(f"--prompt {length}: a one-word chat-formatted prompt is already {shortest} tokens")
     prompts: list[str] = []
     while len(prompts) < count:  # grow a random run of words to `length` tokens; keep it if it lands exactly
         start, n = rng.randrange(len(words) - 200), 1
